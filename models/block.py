@@ -1,0 +1,35 @@
+"""Pre-norm residual block: h += m * mixer(norm(h)); h += m * ffn(norm(h))."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.ffn import build_ffn
+from models.mixers.attention import MixerContext
+from models.norms import build_norm
+from models.registry import MEMORIES, MIXERS
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, residual_multiplier: float = 1.0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        letter = cfg.layers.letters(cfg.n_layers)[layer_idx]
+        mixer_cfg = cfg.layers.mixers[letter]
+        self.mixer_norm = build_norm(cfg.norm.block, cfg.d_model, cfg.norm.eps)
+        self.mixer = MIXERS.get(mixer_cfg.kind)(cfg, mixer_cfg, layer_idx)
+        self.ffn_norm = build_norm(cfg.norm.block, cfg.d_model, cfg.norm.eps)
+        if layer_idx in cfg.memory.layers:
+            self.ffn = MEMORIES.get(cfg.memory.kind)(cfg, layer_idx)
+        else:
+            self.ffn = build_ffn(cfg)
+        # CompleteP sets this to L_base / L; a plain attribute, not a parameter.
+        self.residual_multiplier = residual_multiplier
+
+    def forward(self, h: torch.Tensor, ctx: MixerContext, cache=None) -> torch.Tensor:
+        m = self.residual_multiplier
+        a = self.mixer(self.mixer_norm(h), ctx, cache)
+        h = h + (a if m == 1.0 else m * a)
+        f = self.ffn(self.ffn_norm(h))
+        return h + (f if m == 1.0 else m * f)

@@ -1,0 +1,165 @@
+"""ModelConfig: the `model:` section of a run config.
+
+Each architecture slot is an independent key (mixer per layer letter, FFN, activation, norm,
+memory placement, parameterization); the registries in `models.registry` say which names exist.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from models.registry import FFNS, MEMORIES, MIXERS, NORMS, PARAMETERIZATIONS, ConfigError
+from models.schema import build, require, validate_tree
+
+
+@dataclass
+class LayersConfig:
+    """Which mixer each layer uses: pattern letters index `mixers`."""
+
+    pattern: str | list[str] = "A"
+    mixers: dict[str, Any] = field(default_factory=lambda: {"A": {"kind": "attention"}})
+
+    def letters(self, n_layers: int) -> list[str]:
+        """The mixer letter of each of the n_layers layers (a string pattern repeats)."""
+        if isinstance(self.pattern, list):
+            return list(self.pattern)
+        reps = -(-n_layers // len(self.pattern))
+        return list((self.pattern * reps)[:n_layers])
+
+    def resolve_mixers(self, path: str) -> None:
+        """Turn each raw mixer dict into its kind's registered config dataclass."""
+        resolved = {}
+        for letter, raw in self.mixers.items():
+            key = f"{path}.mixers.{letter}"
+            if len(letter) != 1:
+                raise ConfigError(key, "mixer names must be single letters")
+            if not isinstance(raw, dict) and not hasattr(raw, "kind"):
+                raise ConfigError(key, f"expected a mapping with a 'kind', got {raw!r}")
+            if isinstance(raw, dict):
+                kind = raw.get("kind")
+                require(isinstance(kind, str), f"{key}.kind", "required: the mixer kind "
+                        f"(one of {', '.join(MIXERS.names())})")
+                cls = MIXERS.config_class(kind, f"{key}.kind")
+                raw = build(cls, raw, key)
+            validate_tree(raw, key)
+            resolved[letter] = raw
+        self.mixers = resolved
+
+
+@dataclass
+class FFNConfig:
+    kind: str = "glu"              # mlp | glu | fused_linear (registered in models/ffn.py)
+    activation: str = "swiglu"     # for glu: the GLU variant; for mlp: the activation
+    hidden: int | Literal["auto"] = "auto"
+    multiple_of: int = 64
+    bias: bool = False
+
+    def validate(self, path: str) -> None:
+        FFNS.check(self.kind, f"{path}.kind")
+        FFNS.get(self.kind).check_activation(self.activation, f"{path}.activation")
+        require(self.multiple_of >= 1, f"{path}.multiple_of", f"must be >= 1, got {self.multiple_of}")
+        if self.hidden != "auto":
+            require(self.hidden >= 1, f"{path}.hidden", f"must be >= 1 or 'auto', got {self.hidden}")
+
+
+@dataclass
+class NormConfig:
+    block: str = "rmsnorm"
+    final: str = "rmsnorm"
+    eps: float = 1.0e-6
+
+    def validate(self, path: str) -> None:
+        NORMS.check(self.block, f"{path}.block")
+        NORMS.check(self.final, f"{path}.final")
+        require(self.eps > 0, f"{path}.eps", f"must be > 0, got {self.eps}")
+
+
+@dataclass
+class MemoryConfig:
+    layers: list[int] = field(default_factory=list)
+    kind: str = "product_key"
+
+
+@dataclass
+class ParamConfig:
+    kind: str = "sp"
+    base_width: int = 256
+    base_depth: int = 2
+    alpha: float = 1.0
+
+    def validate(self, path: str) -> None:
+        PARAMETERIZATIONS.check(self.kind, f"{path}.kind")
+        require(self.base_width >= 1, f"{path}.base_width", f"must be >= 1, got {self.base_width}")
+        require(self.base_depth >= 1, f"{path}.base_depth", f"must be >= 1, got {self.base_depth}")
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None          # null: same as n_heads (MHA)
+    vocab_size: int | None = None          # null: the tokenizer's size, rounded up to a multiple of 64
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    residual_init_scaling: bool = False    # output projections get std / sqrt(2 * n_layers)
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    doc_mask: bool = False                 # attention never crosses document boundaries in a window
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    param: ParamConfig = field(default_factory=ParamConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self, path: str) -> None:
+        for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+            require(getattr(self, key) >= 1, f"{path}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.d_model % self.n_heads == 0, f"{path}.n_heads",
+                f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
+        if self.n_kv_heads is not None:
+            require(self.n_kv_heads >= 1, f"{path}.n_kv_heads", f"must be >= 1, got {self.n_kv_heads}")
+            require(self.n_heads % self.n_kv_heads == 0, f"{path}.n_kv_heads",
+                    f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        require(self.head_dim % 2 == 0, f"{path}.n_heads",
+                f"head dim d_model/n_heads={self.head_dim} must be even for RoPE")
+        if self.vocab_size is not None:
+            require(self.vocab_size >= 2, f"{path}.vocab_size", f"must be >= 2, got {self.vocab_size}")
+        require(self.init_std > 0, f"{path}.init_std", f"must be > 0, got {self.init_std}")
+        require(self.rope_theta > 0, f"{path}.rope_theta", f"must be > 0, got {self.rope_theta}")
+
+        layers = f"{path}.layers"
+        self.layers.resolve_mixers(layers)
+        pattern = self.layers.pattern
+        require(len(pattern) > 0, f"{layers}.pattern", "must not be empty")
+        if isinstance(pattern, list):
+            require(len(pattern) == self.n_layers, f"{layers}.pattern",
+                    f"a list pattern needs one letter per layer: {len(pattern)} given, n_layers={self.n_layers}")
+        for i, letter in enumerate(self.layers.letters(self.n_layers)):
+            require(letter in self.layers.mixers, f"{layers}.pattern",
+                    f"letter '{letter}' (layer {i}) has no mixer in {layers}.mixers "
+                    f"(defined: {', '.join(sorted(self.layers.mixers)) or 'none'})")
+
+        mem = f"{path}.memory.layers"
+        for i, idx in enumerate(self.memory.layers):
+            require(0 <= idx < self.n_layers, f"{mem}[{i}]",
+                    f"layer index {idx} out of range for n_layers={self.n_layers} (0-based)")
+        require(len(set(self.memory.layers)) == len(self.memory.layers), mem, "duplicate layer index")
+        if self.memory.layers:
+            MEMORIES.check(self.memory.kind, f"{path}.memory.kind")
+
+
+def model_config(data: dict[str, Any], path: str = "model") -> ModelConfig:
+    """Build and validate a ModelConfig from a plain dict (tests and notebooks)."""
+    cfg = build(ModelConfig, data, path)
+    validate_tree(cfg, path)
+    return cfg

@@ -1,0 +1,377 @@
+"""The run config: dataclass tree, YAML loading with `base:` inheritance, dotted overrides.
+
+`load_config(path, overrides)` is the single entry point; every command calls it first, so a
+bad key fails before any work with a ConfigError naming the full key path (the CLI exits 2).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+import models  # noqa: F401  (registers every technique, so validation knows the names)
+from models.config import ModelConfig
+from models.registry import ConfigError
+from models.schema import build, require, to_dict, validate_tree
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class HFSourceConfig:
+    name: str | None = None
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    max_docs: int | None = None            # streaming: stop after this many documents
+
+
+@dataclass
+class DataConfig:
+    source: Literal["embedded", "files", "hf", "pretokenized", "mixture"] = "embedded"
+    paths: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    hf: HFSourceConfig = field(default_factory=HFSourceConfig)
+    mixture: list[dict[str, Any]] = field(default_factory=list)
+    seq_len: int = 256
+    seed: int = 0
+    cache_dir: str | None = None
+    val_fraction: float = 0.05             # fraction of documents held out for validation
+    val_paths: list[str] = field(default_factory=list)   # a separate validation source (files)
+    dtype: Literal["uint16", "uint32", "auto"] = "auto"  # pretokenized: dtype of the files
+    vocab_size: int | None = None          # pretokenized: the vocabulary the tokens come from
+    encoding_errors: Literal["error", "replace"] = "error"  # non-UTF-8 bytes in text files
+    num_proc: int = 1                      # tokenization processes
+    embedded_max_bytes: int = 6_000_000    # cap on the embedded corpus size
+
+    def validate(self, path: str) -> None:
+        require(self.seq_len >= 2, f"{path}.seq_len", f"must be >= 2, got {self.seq_len}")
+        require(0.0 <= self.val_fraction < 1.0, f"{path}.val_fraction",
+                f"must be in [0, 1), got {self.val_fraction}")
+        require(self.num_proc >= 1, f"{path}.num_proc", f"must be >= 1, got {self.num_proc}")
+        if self.source in ("files", "pretokenized"):
+            require(len(self.paths) > 0, f"{path}.paths", f"data.source={self.source} needs at least one path")
+        if self.source == "hf":
+            require(self.hf.name is not None, f"{path}.hf.name", "data.source=hf needs a dataset name")
+        if self.source == "pretokenized":
+            require(self.vocab_size is not None, f"{path}.vocab_size",
+                    "data.source=pretokenized needs the vocabulary size of the tokens")
+        if self.source == "mixture":
+            require(len(self.mixture) > 0, f"{path}.mixture", "data.source=mixture needs at least one entry")
+            for i, entry in enumerate(self.mixture):
+                key = f"{path}.mixture[{i}]"
+                require(isinstance(entry, dict), key, "expected a mapping {weight, source, ...}")
+                weight = entry.get("weight")
+                require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+                        f"{key}.weight", f"must be a number > 0, got {weight!r}")
+                sub = {k: v for k, v in entry.items() if k != "weight"}
+                require(sub.get("source", "embedded") != "mixture", f"{key}.source", "mixtures cannot nest")
+                child = build(DataConfig, sub, key)
+                validate_tree(child, key)
+
+    def mixture_sources(self) -> list[tuple[float, "DataConfig"]]:
+        """(weight, DataConfig) of each mixture entry; the seq_len, seed and cache are the parent's."""
+        out = []
+        for i, entry in enumerate(self.mixture):
+            sub = {k: v for k, v in entry.items() if k != "weight"}
+            child = build(DataConfig, sub, f"data.mixture[{i}]")
+            out.append((float(entry["weight"]), child))
+        return out
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "pretrained"] = "bpe"   # bpe: train a byte-level BPE; pretrained: load `path`
+    vocab_size: int = 4096
+    path: str | None = None                        # local folder (or hub name, online)
+    train_bytes: int = 20_000_000                  # bpe: at most this much text is used to train
+
+    def validate(self, path: str) -> None:
+        require(self.vocab_size >= 260, f"{path}.vocab_size",
+                f"must be >= 260 (256 bytes + specials), got {self.vocab_size}")
+        if self.kind == "pretrained":
+            require(self.path is not None, f"{path}.path", "tokenizer.kind=pretrained needs a path")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch: int = 8
+    micro_batch: int = 8
+    log_every: int = 10
+    val_every: int = 50
+    val_batches: int = 4
+    peak_tflops: float | None = None
+    z_loss: float = 0.0
+    nonfinite: Literal["skip", "halt"] = "skip"
+    progress: bool = True
+
+    def validate(self, path: str) -> None:
+        for key in ("steps", "global_batch", "micro_batch", "log_every"):
+            require(getattr(self, key) >= 1, f"{path}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.val_every >= 0, f"{path}.val_every", "must be >= 0 (0 = only at the end)")
+        require(self.val_batches >= 1, f"{path}.val_batches", f"must be >= 1, got {self.val_batches}")
+        require(self.global_batch % self.micro_batch == 0, f"{path}.global_batch",
+                f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
+        require(self.z_loss >= 0, f"{path}.z_loss", f"must be >= 0, got {self.z_loss}")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    warmup: int = 0
+    decay_frac: float = 0.2        # wsd: the final fraction of steps that decays
+    decay_start: int | None = None  # wsd: explicit first decay step (overrides decay_frac)
+    min_lr_ratio: float = 0.1
+
+    def validate(self, path: str) -> None:
+        require(self.warmup >= 0, f"{path}.warmup", f"must be >= 0, got {self.warmup}")
+        require(0.0 <= self.decay_frac <= 1.0, f"{path}.decay_frac", f"must be in [0, 1], got {self.decay_frac}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio",
+                f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.decay_start is not None:
+            require(self.decay_start >= 0, f"{path}.decay_start", f"must be >= 0, got {self.decay_start}")
+
+
+@dataclass
+class MuonConfig:
+    lr: float = 0.02
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    weight_decay: float | None = None  # null: optim.weight_decay
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3.0e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0           # 0 disables clipping
+    fused: bool | None = None        # null: fused AdamW when on CUDA
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    muon: MuonConfig = field(default_factory=MuonConfig)
+
+    def validate(self, path: str) -> None:
+        require(self.lr > 0, f"{path}.lr", f"must be > 0, got {self.lr}")
+        require(self.eps > 0, f"{path}.eps", f"must be > 0, got {self.eps}")
+        require(self.weight_decay >= 0, f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, f"{path}.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        for i, b in enumerate(self.betas):
+            require(0.0 <= b < 1.0, f"{path}.betas[{i}]", f"must be in [0, 1), got {b}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0                 # 0: only at the end (and on stop requests)
+    keep_last: int = 2             # newest complete checkpoints kept
+    keep_every: int = 0            # also keep every checkpoint whose step is a multiple of this
+
+    def validate(self, path: str) -> None:
+        require(self.every >= 0, f"{path}.every", f"must be >= 0, got {self.every}")
+        require(self.keep_last >= 1, f"{path}.keep_last", f"must be >= 1, got {self.keep_last}")
+        require(self.keep_every >= 0, f"{path}.keep_every", f"must be >= 0, got {self.keep_every}")
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["none"] = "none"   # the distributed issues add ddp | fsdp2 | deepspeed
+    zero_stage: int = 1
+    reshard_after_forward: bool = True
+    activation_checkpointing: Literal["none"] = "none"
+    compile: bool = False
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    include_path: str | None = None
+    data_dir: str | None = None
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_mode: Literal["online", "offline"] = "offline"
+
+
+@dataclass
+class LaunchConfig:
+    setup: list[str] = field(default_factory=list)
+    template: str | None = None
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    init_from: str | None = None
+    name: str | None = None        # the run's name (default: the config file's stem)
+
+    def validate(self, path: str = "") -> None:
+        require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.model.vocab_size is not None and self.tokenizer.kind == "bpe" and self.data.source != "pretokenized":
+            require(self.model.vocab_size >= self.tokenizer.vocab_size, "model.vocab_size",
+                    f"model.vocab_size={self.model.vocab_size} is smaller than "
+                    f"tokenizer.vocab_size={self.tokenizer.vocab_size}")
+
+    def resolved_vocab_size(self, tokenizer_vocab: int | None = None) -> int:
+        """The model's vocabulary: model.vocab_size, else the tokenizer's rounded up to 64."""
+        if self.model.vocab_size is not None:
+            return self.model.vocab_size
+        if tokenizer_vocab is None:
+            tokenizer_vocab = self.data.vocab_size if self.data.source == "pretokenized" else self.tokenizer.vocab_size
+        return 64 * math.ceil(tokenizer_vocab / 64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# Keys that may differ between a run's saved config and the config it is resumed with.
+RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.", "checkpoint.", "eval.", "log.", "parallel.",
+                      "launch.", "train.log_every", "train.val_every", "train.val_batches",
+                      "train.progress", "train.peak_tflops", "data.cache_dir", "data.num_proc", "name",
+                      "code_version")
+
+
+# ----------------------------------------------------------------------------- loading
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping, with errors naming the file (and line, for syntax errors)."""
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError("", f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The merged dict of a config file and its chain of `base:` files (relative to each file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError("base", f"circular base: {' -> '.join(str(p) for p in (*_seen, path))}")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict[str, Any] = {}
+    for b in bases:
+        if not isinstance(b, str):
+            raise ConfigError("base", f"{path}: expected a relative path, got {b!r}")
+        merged = _deep_merge(merged, load_raw(path.parent / b, (*_seen, path)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError("", f"override '{text}' is not KEY=VALUE")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError("", f"override '{text}' has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), f"is not a section, cannot set '{text}'")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = build(Config, data)
+    validate_tree(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, merge bases, apply overrides, build and validate. Raises ConfigError."""
+    data = apply_overrides(load_raw(path), overrides or [])
+    data.pop("code_version", None)
+    cfg = config_from_dict(data)
+    if cfg.name is None:
+        cfg.name = Path(path).stem
+    return cfg
+
+
+def dump_config(cfg: Config, extra: dict[str, Any] | None = None) -> str:
+    data = cfg.to_dict()
+    if extra:
+        data.update(extra)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.c': value} view of a nested dict (lists are leaves)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ and may not change on resume."""
+    a, b = flatten(saved), flatten(current)
+    keys = sorted(set(a) | set(b))
+    diffs = []
+    for k in keys:
+        if a.get(k) == b.get(k):
+            continue
+        if any(k == p or k.startswith(p) for p in RESUMABLE_PREFIXES):
+            continue
+        diffs.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return diffs
