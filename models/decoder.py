@@ -74,9 +74,10 @@ class Decoder(nn.Module):
                 doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeCache | None]:
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
-        cos, sin = self.rope(start, T)
-        ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids)
         h = self.embed(input_ids)
+        rope_dtype = torch.promote_types(h.dtype, torch.float32)   # converted once, not per layer
+        cos, sin = (t.to(rope_dtype) for t in self.rope(start, T, input_ids.device))
+        ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids)
         for i, block in enumerate(self.blocks):
             h = block(h, ctx, cache.layers[i] if cache is not None else None)
         h = self.final_norm(h)

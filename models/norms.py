@@ -11,6 +11,11 @@ from torch import nn
 from models.registry import NORMS
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16 inputs, the input's own dtype for fp32/fp64 (float64 tests stay exact)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 @NORMS.register("rmsnorm")
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * g."""
@@ -23,9 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        dt = compute_dtype(x)
+        xf = x.to(dt)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(dt)).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -44,7 +50,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        dt = compute_dtype(x)
+        y = F.layer_norm(x.to(dt), x.shape[-1:], self.weight.to(dt), self.bias.to(dt), self.eps)
         return y.to(x.dtype)
 
     def reset_parameters(self) -> None:

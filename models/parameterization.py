@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from models.config import ModelConfig
 from models.registry import PARAMETERIZATIONS
-from models.tags import NO_WEIGHT_DECAY
+from models.tags import HIDDEN_MATRIX
 
 
 @dataclass
@@ -25,7 +25,7 @@ class GroupRule:
 
 @PARAMETERIZATIONS.register("sp")
 class StandardParam:
-    """SP: every multiplier is 1; hidden weight decay only; GPT-2 residual init scaling optional."""
+    """SP: every multiplier is 1; weight decay on hidden matrices only; optional GPT-2 residual init scaling."""
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -41,7 +41,7 @@ class StandardParam:
         return std
 
     def group_rule(self, tag: str) -> GroupRule:
-        return GroupRule(wd_mult=0.0 if tag in NO_WEIGHT_DECAY else 1.0)
+        return GroupRule(wd_mult=1.0 if tag == HIDDEN_MATRIX else 0.0)
 
 
 def build_parameterization(cfg: ModelConfig):

@@ -18,17 +18,21 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
         freqs = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        # non-persistent: derived from the config, never checkpointed
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        # Plain float64 attributes, not buffers: model.to(bf16) must not round the tables, and
+        # they are derived from the config, so never checkpointed. Moved per device on use.
+        self._tables = {torch.device("cpu"): (emb.cos(), emb.sin())}
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (length, head_dim) for positions start .. start+length-1."""
-        if start + length > self.cos.shape[0]:
-            device = self.cos.device
+    def forward(self, start: int, length: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 cos, sin of shape (length, head_dim) for positions start .. start+length-1."""
+        device = torch.device(device)
+        cpu_cos, _ = self._tables[torch.device("cpu")]
+        if start + length > cpu_cos.shape[0]:
             self._build(2 * (start + length))
-            self.cos, self.sin = self.cos.to(device), self.sin.to(device)
-        return self.cos[start:start + length], self.sin[start:start + length]
+        if device not in self._tables:
+            cos, sin = self._tables[torch.device("cpu")]
+            self._tables[device] = (cos.to(device), sin.to(device))
+        cos, sin = self._tables[device]
+        return cos[start:start + length], sin[start:start + length]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +41,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, Dh); cos/sin: (T, Dh). Rotation in fp32, result in x's dtype."""
-    xf = x.float()
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    """x: (B, T, H, Dh); cos/sin: (T, Dh). Rotation in fp32 (fp64 for fp64 x), result in x's dtype."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dt)
+    cos, sin = cos.to(dt)[None, :, None, :], sin.to(dt)[None, :, None, :]
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

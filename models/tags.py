@@ -18,8 +18,6 @@ NORM_BIAS = "norm_bias"          # norm biases
 OUTPUT_HEAD = "output_head"      # untied LM head
 SCALAR = "scalar"                # learnable scalars (temperatures, coefficients)
 
-NO_WEIGHT_DECAY = {HIDDEN_BIAS, NORM_GAIN, NORM_BIAS, SCALAR}
-
 
 def tag_linear(linear: nn.Linear, weight: str = HIDDEN_MATRIX, bias: str = HIDDEN_BIAS) -> nn.Linear:
     """Attach tags to a stock nn.Linear (an instance attribute, so it survives FSDP wrapping)."""
