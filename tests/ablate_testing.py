@@ -1,0 +1,60 @@
+"""Helpers shared by test files (importable as `ablate_testing`: pytest puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "seed": 0,
+    "device": "cpu",
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
+    "tokenizer": {"kind": "bpe", "vocab_size": 384},
+    "data": {"source": "embedded", "seq_len": 32, "embedded_max_bytes": 400_000, "val_fraction": 0.05},
+    "train": {"steps": 12, "global_batch": 8, "micro_batch": 4, "log_every": 1, "val_every": 6,
+              "val_batches": 2, "progress": False},
+    "optim": {"name": "adamw", "lr": 1.0e-2, "schedule": {"kind": "cosine", "warmup": 2}},
+    "checkpoint": {"every": 4, "keep_last": 10},
+}
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def make_cfg(base: dict, **overrides):
+    """A Config from `base` with dotted overrides given as keyword args (dots as '__')."""
+    from train.config import apply_overrides, config_from_dict
+    ov = [f"{k.replace('__', '.')}={json.dumps(v)}" for k, v in overrides.items()]
+    data = apply_overrides(base, ov)
+    cfg = config_from_dict(data)
+    cfg.name = "test"
+    return cfg
+
+
+def train_rows(run_dir: Path, kind: str = "train") -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+def subprocess_env(cache_dir: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["ABLATE_CACHE"] = str(cache_dir)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
