@@ -24,10 +24,12 @@ install-dev: env
 	$(PY) -m pip install -q -e ".[all,dev]"
 
 install-quickstart: env
-	$(PY) -m pip install -q -e ".[eval]"
+	$(PY) -m pip install -q -e .
 
 quickstart: install-quickstart
-	$(PY) -m train.cli quickstart
+	$(PY) -m train.cli train configs/quickstart.yaml --run-dir runs/quickstart
+	@echo "sample (temperature 0.8, top-k 40):"
+	@$(PY) -m train.cli generate runs/quickstart --prompt "def " --max-new-tokens 120 --temperature 0.8 --top-k 40
 
 test: install-dev
 	$(PY) -m pytest tests --durations=25 -q

@@ -248,7 +248,8 @@ class Config:
 
 
 # Keys that may differ between a run's saved config and the config it is resumed with.
-RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.", "checkpoint.", "eval.", "log.", "parallel.",
+RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.decay_frac", "optim.schedule.decay_start",
+                      "optim.schedule.min_lr_ratio", "checkpoint.", "eval.", "log.", "parallel.",
                       "launch.", "train.log_every", "train.val_every", "train.val_batches",
                       "train.progress", "train.peak_tflops", "data.cache_dir", "data.num_proc", "name",
                       "code_version")

@@ -1,0 +1,180 @@
+"""`ablate` command line. Exit status: 0 done (or stopped for requeue), 2 usage / config error,
+1 any other failure; every message names its culprit (key, flag or file)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from models.registry import ConfigError
+
+
+class UsageError(ConfigError):
+    pass
+
+
+def _load(args: argparse.Namespace):
+    from train.config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def _default_run_dir(cfg) -> Path:
+    return Path("runs") / cfg.name
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.trainer import install_stop_handlers, train
+    install_stop_handlers()
+    cfg = _load(args)
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
+    result = train(cfg, run_dir, resume=args.resume)
+    if result.status == "requeue":
+        print(f"stopped at step {result.step} for requeue; resume with the same command. run dir: {run_dir}")
+        return 0
+    print(summary(run_dir, result.step, result.val_loss, result.unigram_entropy))
+    return 0
+
+
+def summary(run_dir: Path, step: int, val_loss: float | None, entropy: float | None) -> str:
+    import math
+    lines = [f"run dir: {run_dir} (step {step})"]
+    if val_loss is not None:
+        lines.append(f"final validation loss: {val_loss:.4f} nats/token  perplexity: {math.exp(min(val_loss, 50)):.2f}")
+    if entropy is not None:
+        lines.append(f"unigram entropy of the training tokens: {entropy:.4f} nats/token "
+                     f"(perplexity {math.exp(entropy):.1f}): the loss of a model that ignores context")
+    return "\n".join(lines)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from train.config import dump_config
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from train.params import params_report
+    print(params_report(_load(args)))
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from train.data import prepare_data
+    cfg = _load(args)
+    data = prepare_data(cfg, full_hash=True, progress=True)
+    print(f"cache: {data.cache_key}\ntokenizer: {data.tokenizer_dir} (vocab {data.vocab_size})\n"
+          f"train tokens: {len(data.train.tokens):,}  documents: {len(data.train.doc_starts):,}\n"
+          f"val tokens: {len(data.val.tokens):,}  documents: {len(data.val.doc_starts):,}")
+    return 0
+
+
+def cmd_data_bench(args: argparse.Namespace) -> int:
+    from train.data import benchmark
+    figures = benchmark(_load(args))
+    for k, v in figures.items():
+        print(f"{k}: {v:,.2f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from train.generate import generate_from_run
+    text = generate_from_run(args.run_dir, args.prompt, step=args.step, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from train.bench import run_bench
+    print(run_bench(_load(args), steps=args.steps, warmup=args.warmup, reference=args.reference))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, values parsed as YAML")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:       # argparse's own errors: exit 2 with the message
+        self.print_usage(sys.stderr)
+        raise UsageError("", message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ablate", description="LLM pretraining for architecture ablations")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train (or resume) a run")
+    _add_config(t)
+    t.add_argument("--run-dir", help="default: runs/<config stem>")
+    t.add_argument("--resume", action="store_true", help="require an existing run to resume")
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("config", help="config tools")
+    csub = c.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    show = csub.add_parser("show", help="print the fully resolved config")
+    _add_config(show)
+    show.set_defaults(fn=cmd_config_show)
+
+    pa = sub.add_parser("params", help="parameter counts, FLOPs/token, optimizer groups")
+    _add_config(pa)
+    pa.set_defaults(fn=cmd_params)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    prep = dsub.add_parser("prepare", help="tokenize into the cache (full content hash)")
+    _add_config(prep)
+    prep.set_defaults(fn=cmd_data_prepare)
+    db = dsub.add_parser("bench", help="tokenization MB/s and loader tokens/s")
+    _add_config(db)
+    db.set_defaults(fn=cmd_data_bench)
+
+    g = sub.add_parser("generate", help="sample from a run's checkpoint")
+    g.add_argument("run_dir")
+    g.add_argument("--step", default="latest")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="time the real training step")
+    _add_config(b)
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--reference", action="store_true", help="also time a plain-PyTorch decoder of the same shape")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"ablate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ablate: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:      # noqa: BLE001 - the last line of defence: name the cause, exit 1
+        import traceback
+        traceback.print_exc()
+        print(f"ablate: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`python -m train CONFIG ...`: the same as `ablate train CONFIG ...`."""
+    argv = sys.argv[1:] if argv is None else argv
+    return main(["train", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Sampling through the decoding cache: greedy (temperature 0) or temperature / top-k."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import models
+from models.registry import ConfigError
+from train import checkpoint as ckpt
+from train.config import Config, config_from_dict
+from train.rundir import RunDir
+
+
+@torch.no_grad()
+def generate(model: models.Decoder, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue `prompt_ids` (B, T); returns (B, T + n) ids. Prefill once, then one token per step."""
+    model.eval()
+    cache = model.new_cache()
+    logits, cache = model(prompt_ids, cache=cache)
+    out = prompt_ids
+    for _ in range(max_new_tokens):
+        nxt = _sample(logits[:, -1].float(), temperature, top_k, generator)
+        out = torch.cat([out, nxt], dim=1)
+        if eos_id is not None and bool((nxt == eos_id).all()):
+            break
+        if cache.pos >= model.cfg.max_seq_len:
+            break
+        logits, cache = model(nxt, cache=cache)
+    return out
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    run = RunDir(run_dir)
+    if not run.exists():
+        raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory (no config.yaml)")
+    data = run.read_config()
+    data.pop("code_version", None)
+    return config_from_dict(data)
+
+
+def load_model(run_dir: str | Path, step: int | str | None = "latest",
+               device: str | torch.device = "cpu") -> tuple[models.Decoder, Config, int]:
+    """The run's model with the weights of a complete checkpoint (newest by default)."""
+    cfg = load_run_config(run_dir)
+    try:
+        found_step, path = ckpt.find_checkpoint(RunDir(run_dir).checkpoints, step)
+    except FileNotFoundError as e:
+        raise ConfigError("--step", str(e)) from None
+    model = models.Decoder(cfg.model).to(device)
+    ckpt.load_model_weights(path, model)
+    model.eval()
+    return model, cfg, found_step
+
+
+def generate_from_run(run_dir: str | Path, prompt: str, step: int | str | None = "latest",
+                      max_new_tokens: int = 100, temperature: float = 0.0, top_k: int | None = None,
+                      seed: int = 0) -> str:
+    from train.data import load_tokenizer
+    model, cfg, _ = load_model(run_dir, step)
+    tok = load_tokenizer(RunDir(run_dir).tokenizer_dir)
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)], dtype=torch.long)
+    if ids.numel() == 0:
+        ids = torch.tensor([[tok.eos_token_id]], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    out = generate(model, ids, max_new_tokens, temperature, top_k, eos_id=tok.eos_token_id, generator=gen)
+    return tok.decode(out[0].tolist(), skip_special_tokens=True)
