@@ -44,7 +44,7 @@ class DataConfig:
     dtype: Literal["uint16", "uint32", "auto"] = "auto"  # pretokenized: dtype of the files
     vocab_size: int | None = None          # pretokenized: the vocabulary the tokens come from
     encoding_errors: Literal["error", "replace"] = "error"  # non-UTF-8 bytes in text files
-    num_proc: int = 1                      # tokenization processes
+    num_proc: int = 1                      # tokenization threads
     embedded_max_bytes: int = 6_000_000    # cap on the embedded corpus size
 
     def validate(self, path: str) -> None:
