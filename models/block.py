@@ -23,7 +23,7 @@ class Block(nn.Module):
         if layer_idx in cfg.memory.layers:
             self.ffn = MEMORIES.get(cfg.memory.kind)(cfg, layer_idx)
         else:
-            self.ffn = build_ffn(cfg)
+            self.ffn = build_ffn(cfg, layer_idx)
         # CompleteP sets this to L_base / L; a plain attribute, not a parameter.
         self.residual_multiplier = residual_multiplier
 
@@ -31,5 +31,6 @@ class Block(nn.Module):
         m = self.residual_multiplier
         a = self.mixer(self.mixer_norm(h), ctx, cache)
         h = h + (a if m == 1.0 else m * a)
-        f = self.ffn(self.ffn_norm(h))
+        x = self.ffn_norm(h)
+        f = self.ffn(x, ctx) if getattr(self.ffn, "takes_context", False) else self.ffn(x)
         return h + (f if m == 1.0 else m * f)

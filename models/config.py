@@ -47,19 +47,45 @@ class LayersConfig:
 
 
 @dataclass
+class StochasticConfig:
+    """`model.ffn.stochastic`: StochA, y = m relu(u) + (1-m) silu(u), m ~ Bernoulli(1-p) (techniques.md s3)."""
+
+    p: float = 0.7                 # probability that a draw picks SiLU (p=0: ReLU, p=1: SiLU)
+    granularity: Literal["element", "token", "call"] = "element"   # call: one draw per (layer, step)
+    eval_mode: Literal["relu", "silu", "stochastic"] = "relu"      # what model.eval() computes
+    seed: int | None = None        # mask key; null: the run's top-level `seed` (0 outside a run)
+
+    def validate(self, path: str) -> None:
+        require(0.0 <= self.p <= 1.0, f"{path}.p", f"must be in [0, 1], got {self.p}")
+
+
+@dataclass
 class FFNConfig:
     kind: str = "glu"              # mlp | glu | fused_linear (registered in models/ffn.py)
     activation: str = "swiglu"     # for glu: the GLU variant; for mlp: the activation
-    hidden: int | Literal["auto"] = "auto"
+    hidden: int | Literal["auto"] = "auto"   # auto: parameter-matched width (models/widths.py)
     multiple_of: int = 64
     bias: bool = False
+    stochastic: StochasticConfig = field(default_factory=StochasticConfig)
+    # Swi+FT / StochA+FT: ReLU from 0-based step floor((1 - alpha) * train.steps) on (alpha = this).
+    relu_finetune_frac: float = 0.0
 
     def validate(self, path: str) -> None:
         FFNS.check(self.kind, f"{path}.kind")
-        FFNS.get(self.kind).check_activation(self.activation, f"{path}.activation")
+        cls = FFNS.get(self.kind)
+        cls.check_activation(self.activation, f"{path}.activation")
         require(self.multiple_of >= 1, f"{path}.multiple_of", f"must be >= 1, got {self.multiple_of}")
         if self.hidden != "auto":
             require(self.hidden >= 1, f"{path}.hidden", f"must be >= 1 or 'auto', got {self.hidden}")
+        if hasattr(cls, "check_config"):
+            cls.check_config(self, path)
+        key = f"{path}.relu_finetune_frac"
+        require(0.0 <= self.relu_finetune_frac <= 1.0, key, f"must be in [0, 1], got {self.relu_finetune_frac}")
+        if self.relu_finetune_frac > 0:
+            allowed = sorted(getattr(cls, "relu_finetune_activations", ()))
+            require(self.activation in allowed, key,
+                    f"the ReLU fine-tune switches {', '.join(allowed) or 'nothing'} under "
+                    f"{path}.kind={self.kind}, not {path}.activation={self.activation}")
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """The decoder: token embedding -> blocks -> final norm -> LM head.
 
 Single-device model code; parallelism is applied from outside (train/parallel).
-Decoding API: `forward(input_ids, cache=None, doc_ids=None) -> (logits, cache)`. Pass
+Decoding API: `forward(input_ids, cache=None, doc_ids=None, sample_index=None) -> (logits, cache)`. Pass
 `cache=model.new_cache()` to decode incrementally; the same object comes back updated.
 """
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from models.block import Block
@@ -43,6 +44,8 @@ class Decoder(nn.Module):
         if not cfg.tie_embeddings:
             self.head = tag_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False), weight=OUTPUT_HEAD)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Blocks whose activations are recomputed in backward (set by the parallel backend).
+        self.checkpoint_blocks: set[int] = set()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -71,15 +74,22 @@ class Decoder(nn.Module):
         return DecodeCache([block.mixer.new_cache() for block in self.blocks])
 
     def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeCache | None]:
+                doc_ids: torch.Tensor | None = None,
+                sample_index: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeCache | None]:
+        """sample_index: (B,) global sample index of each row (the loader's `indices`); it keys the
+        stochastic-activation masks so they do not depend on ranks or micro-batching. None: row b
+        counts as sample b (evaluation, generation)."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         h = self.embed(input_ids)
         rope_dtype = torch.promote_types(h.dtype, torch.float32)   # converted once, not per layer
         cos, sin = (t.to(rope_dtype) for t in self.rope(start, T, input_ids.device))
-        ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids)
+        ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids, sample_index=sample_index)
         for i, block in enumerate(self.blocks):
-            h = block(h, ctx, cache.layers[i] if cache is not None else None)
+            if i in self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, ctx, None, use_reentrant=False)
+            else:
+                h = block(h, ctx, cache.layers[i] if cache is not None else None)
         h = self.final_norm(h)
         logits = self.head(h) if self.head is not None else h @ self.embed.weight.t()
         if cache is not None:

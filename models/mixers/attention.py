@@ -31,12 +31,14 @@ class AttentionConfig:
 
 @dataclass
 class MixerContext:
-    """What every mixer may need besides its input: positions, RoPE tables and document ids."""
+    """What every mixer (and context-taking FFN) may need besides its input: positions, RoPE
+    tables, document ids and the global sample index of each row."""
 
     start: int                              # absolute position of the first token of x
     cos: torch.Tensor
     sin: torch.Tensor
     doc_ids: torch.Tensor | None = None     # (B, T) document id of every token, for doc masking
+    sample_index: torch.Tensor | None = None  # (B,) global sample index of each row (keys stochastic masks)
 
 
 class KVCache:
