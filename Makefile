@@ -10,6 +10,7 @@ else
 PY := .venv/bin/python
 endif
 TORCH_VERSION ?= 2.13.0
+COMMA := ,
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -24,12 +25,14 @@ install-dev: env
 	$(PY) -m pip install -q -e ".[all,dev]"
 
 install-quickstart: env
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[eval]"
 
 quickstart: install-quickstart
 	$(PY) -m train.cli train configs/quickstart.yaml --run-dir runs/quickstart
 	@echo "sample (temperature 0.8, top-k 40):"
 	@$(PY) -m train.cli generate runs/quickstart --prompt "def " --max-new-tokens 120 --temperature 0.8 --top-k 40
+	@echo "lm-eval: held-out perplexity$(if $(wildcard ../shared/data/eval/hellaswag), and 50 HellaSwag items,):"
+	@$(PY) -m train.cli eval runs/quickstart --limit 50 $(if $(wildcard ../shared/data/eval/hellaswag),--tasks ablate_val_ppl$(COMMA)ablate_hellaswag --data-dir ../shared/data/eval,--tasks ablate_val_ppl)
 
 test: install-dev
 	$(PY) -m pytest tests --durations=25 -q

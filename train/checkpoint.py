@@ -13,7 +13,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -29,7 +29,7 @@ from train.rundir import step_name
 
 COMPLETE = "COMPLETE"
 # Without a process group DCP warns that it assumes a single process: that is the intent here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -83,33 +83,64 @@ def clean_partial(ckpt_root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    trainer_state: dict[str, Any]) -> dict[str, Any]:
-    """Write checkpoint `step` atomically; returns {"seconds", "bytes", "path"} for the event row."""
+                    trainer_state: dict[str, Any], rng: dict[str, Any] | None = None,
+                    rank: int = 0, barrier: Callable[[], None] = lambda: None,
+                    agree: Callable[[bool], bool] = lambda flag: flag) -> dict[str, Any]:
+    """Write checkpoint `step` atomically; returns {"seconds", "bytes", "path"} for the event row.
+
+    Under a process group every rank calls this: each writes its DCP shards and its RNG state
+    into the shared temporary directory; rank 0 renames it and writes COMPLETE only after all
+    ranks have finished (barriers), so a checkpoint is never complete with a missing shard.
+    """
     t0 = time.perf_counter()
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_name(step)
-    if (final / COMPLETE).exists():
+    if agree((final / COMPLETE).exists()):       # one decision for all ranks (caching file systems)
         return {"seconds": 0.0, "bytes": _size(final), "path": str(final), "existed": True}
-    tmp = ckpt_root / f".tmp-{step_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = ckpt_root / f".tmp-{step_name(step)}"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    optim_empty = optimizer is not None and not optimizer.state
     if optimizer is not None:
+        # get_state_dict fills an empty optimizer's state with a zero-lr step (AdamW's counter
+        # becomes 1); undo that below so a checkpoint before the first step changes nothing
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
     else:
         state = {"model": get_model_state_dict(model)}
     dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(trainer_state, tmp / TRAINER_STATE)
-    if final.exists():                      # renamed earlier but never marked complete
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    (final / COMPLETE).write_text(f"{step}\n")
-    _fsync_dir(ckpt_root)
+    if optim_empty:
+        optimizer.state.clear()
+    trainer_state = {**trainer_state, "optim_empty": optim_empty}
+    if rng is not None:
+        torch.save(rng, tmp / _rng_file(rank))
+    if rank == 0:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    _fsync_files(tmp)
+    barrier()
+    if rank == 0:
+        if final.exists():                      # renamed earlier but never marked complete
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        (final / COMPLETE).write_text(f"{step}\n")
+        _fsync_dir(ckpt_root)
+    barrier()
     return {"seconds": time.perf_counter() - t0, "bytes": _size(final), "path": str(final)}
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load model (and optimizer) state in place; returns the trainer state."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    rank: int = 0) -> dict[str, Any]:
+    """Load model (and optimizer) state in place, resharding to the current world size.
+
+    Returns the trainer state with this rank's RNG state under "rng" (rank 0's when the
+    checkpoint was written by fewer ranks).
+    """
     if optimizer is not None:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
@@ -117,7 +148,27 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         load_model_weights(path, model)
-    return torch.load(path / TRAINER_STATE, weights_only=False)
+    trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
+    if optimizer is not None and trainer_state.get("optim_empty"):
+        optimizer.state.clear()          # saved before the first optimizer step
+    rng_path = path / _rng_file(rank)
+    if not rng_path.exists():
+        rng_path = path / _rng_file(0)
+    if rng_path.exists():
+        trainer_state["rng"] = torch.load(rng_path, weights_only=False)
+    return trainer_state
+
+
+def consolidate(path: Path, out: Path) -> dict[str, Any]:
+    """One full-precision model state dict from a (possibly sharded) checkpoint, no process group."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    state = _load_state_dict_from_keys({"model"}, checkpoint_id=str(path))["model"]
+    state = {k: (v.float() if torch.is_floating_point(v) else v) for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return state
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
@@ -142,6 +193,18 @@ def prune(ckpt_root: Path, keep_last: int, keep_every: int = 0) -> list[Path]:
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _fsync_files(path: Path) -> None:
+    """Flush this process's new files, so a node crash cannot leave a COMPLETE over torn files."""
+    for f in path.iterdir():
+        if f.is_file():
+            try:
+                fd = os.open(f, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +20,9 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def _default_run_dir(cfg) -> Path:
-    return Path("runs") / cfg.name
+def _default_run_dir(config_path: str) -> Path:
+    """CONTRACT.md: runs/<config file stem>, so re-running a command resumes its run."""
+    return Path("runs") / Path(config_path).stem
 
 
 # ----------------------------------------------------------------------------- commands
@@ -28,8 +30,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from train.trainer import install_stop_handlers, train
     install_stop_handlers()
     cfg = _load(args)
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
     result = train(cfg, run_dir, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if result.status == "requeue":
         print(f"stopped at step {result.step} for requeue; resume with the same command. run dir: {run_dir}")
         return 0
@@ -83,6 +87,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = generate_from_run(args.run_dir, args.prompt, step=args.step, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(text)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from train.sparsity import format_sparsity, sparsity_probe
+    print(format_sparsity(sparsity_probe(args.run_dir, args.step)))
+    return 0
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from train import checkpoint as ckpt
+    from train.rundir import RunDir, step_name
+    run = RunDir(args.run_dir)
+    if not run.exists():
+        raise ConfigError("RUN_DIR", f"{args.run_dir} is not a run directory (no config.yaml)")
+    try:
+        step, path = ckpt.find_checkpoint(run.checkpoints, args.step)
+    except FileNotFoundError as e:
+        raise ConfigError("--step", str(e)) from None
+    out = Path(args.out) if args.out else run.path / "consolidated" / f"{step_name(step)}.pt"
+    state = ckpt.consolidate(path, out)
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {out}: {len(state)} tensors, {n:,} parameters (fp32) from {path}")
     return 0
 
 
@@ -143,12 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
 
+    pr = sub.add_parser("probe", help="FFN activation sparsity of a checkpoint (per layer)")
+    pr.add_argument("run_dir")
+    pr.add_argument("--step", default="latest")
+    pr.set_defaults(fn=cmd_probe)
+
+    ck = sub.add_parser("checkpoint", help="checkpoint tools")
+    cksub = ck.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
+    cons = cksub.add_parser("consolidate", help="one full-precision state dict, no process group")
+    cons.add_argument("run_dir")
+    cons.add_argument("--step", default="latest")
+    cons.add_argument("--out", help="default: RUN_DIR/consolidated/step-XXXXXXXX.pt")
+    cons.set_defaults(fn=cmd_consolidate)
+
     b = sub.add_parser("bench", help="time the real training step")
     _add_config(b)
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--reference", action="store_true", help="also time a plain-PyTorch decoder of the same shape")
     b.set_defaults(fn=cmd_bench)
+
+    from eval.cli import add_eval_parser
+    add_eval_parser(sub)
     return p
 
 

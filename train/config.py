@@ -107,6 +107,9 @@ class TrainConfig:
     peak_tflops: float | None = None
     z_loss: float = 0.0
     nonfinite: Literal["skip", "halt"] = "skip"
+    spike_window: int = 0          # loss-spike detector: moving window of steps (0 = off)
+    spike_sigma: float = 6.0       # a spike is a loss above mean + sigma * std of the window
+    spike_action: Literal["log", "skip"] = "log"
     progress: bool = True
 
     def validate(self, path: str) -> None:
@@ -117,6 +120,8 @@ class TrainConfig:
         require(self.global_batch % self.micro_batch == 0, f"{path}.global_batch",
                 f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
         require(self.z_loss >= 0, f"{path}.z_loss", f"must be >= 0, got {self.z_loss}")
+        require(self.spike_window >= 0, f"{path}.spike_window", f"must be >= 0, got {self.spike_window}")
+        require(self.spike_sigma > 0, f"{path}.spike_sigma", f"must be > 0, got {self.spike_sigma}")
 
 
 @dataclass
@@ -180,11 +185,25 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: Literal["none"] = "none"   # the distributed issues add ddp | fsdp2 | deepspeed
+    backend: Literal["none", "ddp", "fsdp2"] = "none"   # the DeepSpeed issue adds deepspeed
     zero_stage: int = 1
     reshard_after_forward: bool = True
-    activation_checkpointing: Literal["none"] = "none"
-    compile: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    ac_every: int = 2                  # selective: checkpoint every k-th block (0, k, 2k, ...)
+    compile: bool = False              # torch.compile each block
+    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"   # fsdp2 compute dtype; auto: bf16 on CUDA, fp32 on CPU
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"          # fsdp2 gradient reduction dtype
+    replicate: int = 1                 # fsdp2: HSDP replicas (mesh replicate x shard); 1 = plain FSDP
+    cpu_offload: bool = False          # fsdp2: parameters, gradients and optimizer state on CPU
+    timeout_s: float = 600.0           # collective timeout: a dead rank ends the others after this
+
+    def validate(self, path: str) -> None:
+        require(self.ac_every >= 1, f"{path}.ac_every", f"must be >= 1, got {self.ac_every}")
+        require(self.replicate >= 1, f"{path}.replicate", f"must be >= 1, got {self.replicate}")
+        require(self.timeout_s > 0, f"{path}.timeout_s", f"must be > 0, got {self.timeout_s}")
+        if self.backend != "fsdp2":
+            for key, default in (("replicate", 1), ("cpu_offload", False)):
+                require(getattr(self, key) == default, f"{path}.{key}", f"only applies to parallel.backend=fsdp2")
 
 
 @dataclass
@@ -224,10 +243,17 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    init_from: str | None = None
+    init_from: str | None = None   # RUN_DIR or checkpoint dir: weights only (fresh optimizer and data order)
+    branch_from: str | None = None  # RUN_DIR or checkpoint dir: the full state (optimizer, data position,
+                                    # RNG, step), e.g. a WSD decay branch off a stable-phase checkpoint
     name: str | None = None        # the run's name (default: the config file's stem)
 
     def validate(self, path: str = "") -> None:
+        require(not (self.init_from and self.branch_from), "branch_from",
+                "set init_from (weights only) or branch_from (full state), not both")
+        ffn = self.model.ffn
+        if ffn.activation == "stochastic" and ffn.stochastic.seed is None:
+            ffn.stochastic.seed = self.seed      # stochastic-activation masks follow the run's seed
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.model.vocab_size is not None and self.tokenizer.kind == "bpe" and self.data.source != "pretokenized":
@@ -251,7 +277,7 @@ class Config:
 RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.decay_frac", "optim.schedule.decay_start",
                       "optim.schedule.min_lr_ratio", "checkpoint.", "eval.", "log.", "parallel.",
                       "launch.", "train.log_every", "train.val_every", "train.val_batches",
-                      "train.progress", "train.peak_tflops", "data.cache_dir", "data.num_proc", "name",
+                      "train.progress", "train.peak_tflops", "train.spike_", "data.cache_dir", "data.num_proc", "name",
                       "code_version")
 
 

@@ -63,6 +63,8 @@ def load_model(run_dir: str | Path, step: int | str | None = "latest",
         raise ConfigError("--step", str(e)) from None
     model = models.Decoder(cfg.model).to(device)
     ckpt.load_model_weights(path, model)
+    from train.activation_schedule import apply_checkpoint_activation
+    apply_checkpoint_activation(model, found_step, cfg)     # a ReLU fine-tune checkpoint decodes with ReLU
     model.eval()
     return model, cfg, found_step
 

@@ -6,6 +6,7 @@ checkpoints and the state markers STOP / REQUEUE / DONE / FAILED.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -93,8 +94,10 @@ class RunDir:
 
     # ------------------------------------------------------------------ metrics
     def log(self, row: dict[str, Any]) -> None:
+        """Append one row; non-finite floats become null (NaN is not JSON)."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
 
     def read_metrics(self, kind: str | None = None) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

@@ -29,9 +29,13 @@ from models.flops import flops_per_token
 from models.registry import ConfigError
 from train import checkpoint as ckpt
 from train.config import Config, config_drift, dump_config
+from train.activation_schedule import apply_activation_schedule
 from train.optim import build_optimizer, set_lr
+from train.parallel import (DistInfo, check_same_config, init_distributed, make_backend, shutdown_distributed,
+                            unwrap)
 from train.rundir import RunDir, code_version
 from train.schedule import lr_factor
+from train.sparsity import ffn_sparsity_row
 
 IGNORE_INDEX = -100
 # Nominal dense bf16 peak, TFLOP/s, by a substring of the CUDA device name.
@@ -74,7 +78,7 @@ def memory_gb(device: torch.device) -> float:
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()       # the current device only: world sizes may change
     return state
 
 
@@ -83,7 +87,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:
@@ -193,151 +197,248 @@ def build_model(cfg: Config, device: torch.device) -> models.Decoder:
 
 # ----------------------------------------------------------------------------- loop
 def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Train (or resume) the run in `run_dir`; under torchrun every rank calls this."""
+    device = resolve_device(cfg.device)
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info = init_distributed(cfg.parallel.backend, device.type, cfg.parallel.timeout_s,
+                            cpu_collectives=cfg.parallel.cpu_offload)
+    owns_group = info.distributed and not had_group     # a caller's process group stays up
+    try:
+        return _train(cfg, RunDir(run_dir), resume, info)
+    finally:
+        if owns_group:
+            shutdown_distributed()
+
+
+def _train(cfg: Config, run: RunDir, resume: bool, info: DistInfo) -> TrainResult:
     from train import data as data_mod     # data imports tokenizers / datasets: keep `import train` light
 
-    run = RunDir(run_dir)
+    main = info.is_main
     stop = StopRequest(run)
-    prepare_run_dir(cfg, run, resume)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    backend = make_backend(cfg, info, device)
+    dp = info.world_size
+    if cfg.train.global_batch % (cfg.train.micro_batch * dp):
+        raise ConfigError("train.global_batch", f"global_batch={cfg.train.global_batch} is not a multiple of "
+                          f"micro_batch x data-parallel ranks = {cfg.train.micro_batch} x {dp}")
+    accum = cfg.train.global_batch // (cfg.train.micro_batch * dp)
+    prepare_run_dir(cfg, run, resume)
 
-    data = data_mod.prepare_data(cfg, progress=cfg.train.progress)
+    data = data_mod.prepare_data(cfg, progress=cfg.train.progress and main)
     cfg.model.vocab_size = cfg.resolved_vocab_size(data.vocab_size)
     if cfg.model.vocab_size < data.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                                               f"vocabulary ({data.vocab_size})")
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(dump_config(cfg, {"code_version": code_version()}))
-    if data.tokenizer_dir is not None and not run.tokenizer_dir.exists():
-        data_mod.copy_tokenizer(data, run.tokenizer_dir)
+    check_same_config(info, cfg.to_dict())
+    logger = MetricLogger(cfg, run) if main else None     # fails early on a missing tensorboard / wandb
+    try:
+        return _loop(cfg, run, info, backend, data, data_mod, device, accum, stop, logger)
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt) and run.path.is_dir() and (main or not run.has("FAILED")):
+            run.set_marker("FAILED", f"{type(e).__name__}: {e}")     # any rank: the first cause wins
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
+        stop.restore()
+
+
+def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, device: torch.device, accum: int,
+          stop: StopRequest, logger: "MetricLogger | None") -> TrainResult:
+    main, dp = info.is_main, info.world_size
+    if main:
+        ckpt.clean_partial(run.checkpoints)
+    backend.barrier()
 
     seed_everything(cfg.seed)
-    model = build_model(cfg, device)
+    model = backend.wrap(build_model(cfg, device))
     optimizer = build_optimizer(model, cfg)
-    fpt = flops_per_token(model, cfg.data.seq_len)
+    fpt = flops_per_token(unwrap(model), cfg.data.seq_len)
     peak = peak_flops(cfg, device)
+    spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_sigma)
 
-    # ---- resume, or start (optionally from another run's weights)
-    ckpt.clean_partial(run.checkpoints)
+    # ---- resume, or start (optionally from another run's full state or weights)
     start_step, sample_index = 0, 0
     latest = ckpt.latest_checkpoint(run.checkpoints)
-    if latest is not None:
-        start_step, path = latest
-        state = ckpt.load_checkpoint(path, model, optimizer)
-        sample_index = state["data"]["sample_index"]
+    source = latest[1] if latest is not None else (_checkpoint_dir(cfg.branch_from, "branch_from")
+                                                   if cfg.branch_from else None)
+    if source is not None:
+        state = ckpt.load_checkpoint(source, model, optimizer, rank=info.rank)
+        start_step, sample_index = state["step"], state["data"]["sample_index"]
+        spikes.history = list(state.get("spike_history", []))
         set_rng_state(state["rng"])
-        run.truncate_metrics(start_step)
-        run.log({"kind": "event", "event": "resume", "step": start_step, "checkpoint": str(path)})
-    else:
-        run.truncate_metrics(0)
-        if cfg.init_from:
-            _init_from(cfg.init_from, model)
-            run.log({"kind": "event", "event": "init_from", "step": 0, "source": cfg.init_from})
-    run.clear_marker("STOP", "REQUEUE", "FAILED", "DONE")
-    entropy = unigram_entropy(data.train.tokens)
-    if start_step == 0:
-        run.log({"kind": "event", "event": "data", "step": 0, "train_tokens": int(len(data.train.tokens)),
-                 "val_tokens": int(len(data.val.tokens)), "unigram_entropy": entropy,
-                 "cache": data.cache_key})
-
+    elif cfg.init_from:
+        ckpt.load_model_weights(_checkpoint_dir(cfg.init_from, "init_from"), model)
     loader = data_mod.Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed,
-                             start_index=sample_index)
+                             rank=info.rank, world_size=dp, start_index=sample_index)
     val_data = data_mod.val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.val_batches)
-    accum = cfg.train.global_batch // cfg.train.micro_batch
+    entropy = unigram_entropy(data.train.tokens)
+
+    # ---- setup succeeded: only now is the run dir touched
+    if main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(dump_config(cfg, {"code_version": code_version()}))
+        if data.tokenizer_dir is not None and not run.tokenizer_dir.exists():
+            data_mod.copy_tokenizer(data, run.tokenizer_dir)
+        run.truncate_metrics(start_step)
+        run.clear_marker("STOP", "REQUEUE", "FAILED", "DONE")
+        if source is not None:
+            run.log({"kind": "event", "event": "resume" if latest is not None else "branch_from",
+                     "step": start_step, "checkpoint": str(source), "world_size": dp})
+        else:
+            if cfg.init_from:
+                run.log({"kind": "event", "event": "init_from", "step": 0, "source": cfg.init_from})
+            run.log({"kind": "event", "event": "data", "step": 0, "train_tokens": int(len(data.train.tokens)),
+                     "val_tokens": int(len(data.val.tokens)), "unigram_entropy": entropy,
+                     "cache": data.cache_key})
+    backend.barrier()
     stop.install()
     nan_steps = _test_nan_steps()
-    logger = MetricLogger(cfg, run)
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+
+    def log(row: dict[str, Any]) -> None:
+        if logger is not None:
+            logger.log(row)
 
     def save(step: int) -> None:
-        info = ckpt.save_checkpoint(run.checkpoints, step, model, optimizer, {
-            "step": step, "data": loader.state_dict(), "rng": rng_state(), "tokens": step * tokens_per_step})
-        if not info.get("existed"):
-            run.log({"kind": "event", "event": "checkpoint", "step": step,
-                     "seconds": round(info["seconds"], 4), "bytes": info["bytes"]})
-        ckpt.prune(run.checkpoints, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        saved = ckpt.save_checkpoint(run.checkpoints, step, model, optimizer,
+                                     {"step": step, "data": loader.state_dict(), "tokens": step * tokens_per_step,
+                                      "world_size": dp, "spike_history": list(spikes.history)},
+                                     rng=rng_state(), rank=info.rank, barrier=backend.barrier, agree=backend.any)
+        if main:
+            if not saved.get("existed"):
+                log({"kind": "event", "event": "checkpoint", "step": step,
+                     "seconds": round(saved["seconds"], 4), "bytes": saved["bytes"]})
+            ckpt.prune(run.checkpoints, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        backend.barrier()
 
-    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     val_loss = None
     step = start_step
-    progress = _progress(cfg, start_step)
+    progress = _progress(cfg, start_step) if main else None
     try:
         t_last, tokens_since = time.perf_counter(), 0
         while step < cfg.train.steps:
-            if stop.requested():
+            if backend.any(stop.requested()):      # every rank stops at the same boundary
                 save(step)
-                run.set_marker("REQUEUE", f"stopped at step {step}")
-                run.clear_marker("STOP")
+                if main:
+                    run.set_marker("REQUEUE", f"stopped at step {step}")
+                    run.clear_marker("STOP")
                 return TrainResult("requeue", step, run.path, val_loss, entropy)
 
             factor = lr_factor(step, cfg.train.steps, cfg.optim.schedule)
             set_lr(optimizer, factor)
             lr = cfg.optim.lr * factor
             model.train()
+            switch = apply_activation_schedule(model, step, cfg)     # ReLU fine-tune; stateless
+            if switch is not None:
+                log(switch)
             batches = [loader.next_batch() for _ in range(accum)]
-            n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+            local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+            n_targets = max(backend.sum(local_targets), 1.0)
             loss_sum = 0.0
-            for b in batches:
+            for i, b in enumerate(batches):
                 x, y = b["input_ids"].to(device), b["labels"].to(device)
                 doc_ids = b["doc_ids"].to(device) if cfg.model.doc_mask else None
-                with autocast(device):
-                    logits, _ = model(x, doc_ids=doc_ids)
-                ce, z = lm_loss(logits, y, cfg.train.z_loss)
-                loss = (ce + z) / max(n_targets, 1)
-                if step + 1 in nan_steps:
-                    loss = loss * float("nan")
-                loss.backward()
-                loss_sum += float(loss.detach()) if step + 1 in nan_steps else ce.item() / max(n_targets, 1)
+                with backend.grad_sync(model, sync=i == len(batches) - 1):
+                    with backend.autocast():
+                        logits, _ = model(x, doc_ids=doc_ids, sample_index=b["indices"].to(device))
+                    ce, z = lm_loss(logits, y, cfg.train.z_loss)
+                    # averaged gradients across ranks then equal the global sum / target tokens
+                    loss = (ce + z) * backend.grad_scale / n_targets
+                    if step + 1 in nan_steps:
+                        loss = loss * float("nan")
+                    loss.backward()
+                loss_sum += float(ce.detach()) / n_targets if step + 1 not in nan_steps else float("nan")
+            loss_sum = backend.sum(loss_sum)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             step += 1
+            spike = spikes.is_spike(loss_sum)
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.train.nonfinite == "halt":
                     raise FloatingPointError(f"non-finite loss ({loss_sum}) or grad norm ({grad_norm}) "
                                              f"at step {step} (train.nonfinite=halt)")
-                run.log({"kind": "event", "event": "skip_nonfinite", "step": step,
-                         "loss": str(loss_sum), "grad_norm": str(grad_norm)})
+                log({"kind": "event", "event": "skip_nonfinite", "step": step,
+                     "loss": str(loss_sum), "grad_norm": str(grad_norm)})
+            elif spike and cfg.train.spike_action == "skip":
+                optimizer.zero_grad(set_to_none=True)
+                log({"kind": "event", "event": "spike", "step": step, "loss": loss_sum, "skipped": True})
             else:
+                if spike:
+                    log({"kind": "event", "event": "spike", "step": step, "loss": loss_sum, "skipped": False})
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                spikes.update(loss_sum)
             tokens_since += tokens_per_step
-            samples = [int(batches[0]["indices"][0]), int(batches[-1]["indices"][-1])]
+            samples = [step * cfg.train.global_batch - cfg.train.global_batch, step * cfg.train.global_batch - 1]
+            if dp == 1:     # the loader's own record of what it consumed
+                samples = [int(batches[0]["indices"][0]), int(batches[-1]["indices"][-1])]
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
                 tps = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
-                logger.log({"kind": "train", "step": step, "tokens": step * tokens_per_step,
-                            "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                            "mfu": (tps * fpt / peak) if peak else None, "mem_gb": memory_gb(device),
-                            "time_s": logger.elapsed(), "samples": samples})
+                log({"kind": "train", "step": step, "tokens": step * tokens_per_step,
+                     "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                     "mfu": (tps * fpt / peak) if peak else None, "mem_gb": memory_gb(device),
+                     "time_s": logger.elapsed() if logger else None, "samples": samples})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
 
-            if (cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.steps:
-                val_loss = evaluate_loss(model, val_data, device, cfg)
-                logger.log({"kind": "val", "step": step, "tokens": step * tokens_per_step,
-                            "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+            if val_data and ((cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.steps):
+                val_loss = evaluate_loss(model, val_data, device, cfg, backend)
+                log({"kind": "val", "step": step, "tokens": step * tokens_per_step,
+                     "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+                sparsity = ffn_sparsity_row(model, val_data[:1], step, device, backend.autocast)
+                if sparsity is not None:
+                    log(sparsity)
+            if cfg.eval.every and cfg.eval.tasks:      # lm-eval: every rank, in lockstep; state left as found
+                from eval.hook import run_in_training_eval
+                run_in_training_eval(model, cfg, run, step, device, val_data=data.val, log=log)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
                 save(step)
 
         save(step)
         if val_loss is None:
             val_loss = _last_val(run)
-        run.set_marker("DONE", f"step {step}")
+        if main:
+            run.set_marker("DONE", f"step {step}")
         return TrainResult("done", step, run.path, val_loss, entropy)
-    except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):
-            run.set_marker("FAILED", f"{type(e).__name__}: {e}")
-        raise
     finally:
         if progress is not None:
             progress.close()
-        logger.close()
-        stop.restore()
+
+
+def _as_float(norm: torch.Tensor) -> float:
+    """A grad norm as a float (FSDP2 returns a DTensor: the full value is its local one, replicated)."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+class SpikeDetector:
+    """A loss above mean + sigma * std of the last `window` accepted losses is a spike."""
+
+    def __init__(self, window: int, sigma: float):
+        self.window, self.sigma = window, sigma
+        self.history: list[float] = []
+
+    def is_spike(self, loss: float) -> bool:
+        if self.window <= 0 or len(self.history) < self.window or not math.isfinite(loss):
+            return False
+        mean = sum(self.history) / len(self.history)
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+        return loss > mean + self.sigma * max(std, 1e-8)
+
+    def update(self, loss: float) -> None:
+        if self.window > 0:
+            self.history = (self.history + [loss])[-self.window:]
 
 
 def _last_val(run: RunDir) -> float | None:
@@ -353,30 +454,29 @@ def _progress(cfg: Config, start: int):
                 file=sys.stderr, mininterval=1.0)
 
 
-def _init_from(source: str, model: torch.nn.Module) -> None:
-    """Load weights only from a run dir (its newest checkpoint) or a checkpoint dir."""
+def _checkpoint_dir(source: str, key: str) -> Path:
+    """A checkpoint dir, or a run dir's newest complete checkpoint (for init_from / branch_from)."""
     path = Path(source)
     if (path / ckpt.COMPLETE).exists():
-        target = path
-    else:
-        found = ckpt.latest_checkpoint(path / "checkpoints")
-        if found is None:
-            raise ConfigError("init_from", f"no complete checkpoint found at {source}")
-        target = found[1]
-    ckpt.load_model_weights(target, model)
+        return path
+    found = ckpt.latest_checkpoint(path / "checkpoints")
+    if found is None:
+        raise ConfigError(key, f"no complete checkpoint found at {source}")
+    return found[1]
 
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
-                  cfg: Config) -> float:
-    """Mean per-token validation loss over the fixed validation batches."""
+                  cfg: Config, backend=None) -> float:
+    """Mean per-token validation loss over the fixed validation batches (every rank runs all of
+    them in lockstep: FSDP2 needs each rank in each forward)."""
     model.eval()
     total, count = 0.0, 0
     for b in batches:
         x, y = b["input_ids"].to(device), b["labels"].to(device)
         doc_ids = b["doc_ids"].to(device) if cfg.model.doc_mask else None
-        with autocast(device):
-            logits, _ = model(x, doc_ids=doc_ids)
+        with (backend.autocast() if backend is not None else autocast(device)):
+            logits, _ = model(x, doc_ids=doc_ids, sample_index=b["indices"].to(device))
         ce, _ = lm_loss(logits, y)
         total += float(ce)
         count += int((y != IGNORE_INDEX).sum())
@@ -385,30 +485,43 @@ def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
 
 
 class MetricLogger:
-    """metrics.jsonl rows, mirrored to TensorBoard / W&B when enabled (both off by default)."""
+    """metrics.jsonl rows, mirrored to TensorBoard / W&B when enabled (both off by default).
+
+    The optional packages are checked at construction (before the run dir is touched); their
+    writers are opened on the first row."""
 
     def __init__(self, cfg: Config, run: RunDir):
-        self.run = run
+        self.cfg, self.run = cfg, run
         self.t0 = time.perf_counter()
         self.tb = self.wandb = None
+        self._opened = False
         if cfg.log.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError as e:
                 raise ConfigError("log.tensorboard", f"needs the tensorboard package ({e})") from None
-            self.tb = SummaryWriter(str(run.path / "tensorboard"))
         if cfg.log.wandb:
             try:
-                import wandb
+                import wandb  # noqa: F401
             except ImportError:
                 raise ConfigError("log.wandb", "needs the wandb package (pip install wandb)") from None
-            self.wandb = wandb.init(project=cfg.log.wandb_project or "ablate", name=cfg.name,
-                                    dir=str(run.path), mode=cfg.log.wandb_mode, config=cfg.to_dict())
+
+    def _open(self) -> None:
+        self._opened = True
+        if self.cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.run.path / "tensorboard"))
+        if self.cfg.log.wandb:
+            import wandb
+            self.wandb = wandb.init(project=self.cfg.log.wandb_project or "ablate", name=self.cfg.name,
+                                    dir=str(self.run.path), mode=self.cfg.log.wandb_mode, config=self.cfg.to_dict())
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
     def log(self, row: dict[str, Any]) -> None:
+        if not self._opened:
+            self._open()
         self.run.log(row)
         scalars = {f"{row['kind']}/{k}": v for k, v in row.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}

@@ -251,3 +251,37 @@ def test_cli_exit_codes(tmp_path, tiny_dict, cache_dir):
                          cwd=REPO, env=subprocess_env(cache_dir), capture_output=True, text=True)
     assert out.returncode == 2 and "model.n_heads" in out.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_stop_before_the_first_step_then_resume_is_exact(finished_run, tmp_path, tiny_dict, monkeypatch):
+    from train.trainer import StopRequest
+    run = tmp_path / "early"
+    with monkeypatch.context() as m:       # a stop request that is already there at the first boundary
+        m.setattr(StopRequest, "requested", lambda self: True)
+        result = train(make_cfg(tiny_dict), run)
+    assert result.status == "requeue" and result.step == 0
+    assert (run / "checkpoints" / "step-00000000" / "COMPLETE").exists()
+    result = train(make_cfg(tiny_dict), run)
+    assert result.status == "done"
+    assert losses(run) == losses(finished_run)
+
+
+def test_metrics_are_strict_json_with_nonfinite_values(tmp_path, tiny_dict, monkeypatch):
+    import json
+    monkeypatch.setenv("ABLATE_TEST_NAN_STEPS", "2")
+    run = tmp_path / "json"
+    train(make_cfg(tiny_dict, train__steps=3, checkpoint__every=0), run)
+
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if r["kind"] == "train"][1] is None
+
+
+def test_branch_from_takes_the_full_state(finished_run, tmp_path, tiny_dict):
+    run = tmp_path / "branch"
+    step4 = finished_run / "checkpoints" / "step-00000004"
+    train(make_cfg(tiny_dict, branch_from=str(step4)), run)
+    assert losses(run) == {s: v for s, v in losses(finished_run).items() if s > 4}
+    assert [e["event"] for e in train_rows(run, "event")][0] == "branch_from"
