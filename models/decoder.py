@@ -77,8 +77,8 @@ class Decoder(nn.Module):
                 doc_ids: torch.Tensor | None = None,
                 sample_index: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeCache | None]:
         """sample_index: (B,) global sample index of each row (the loader's `indices`); it keys the
-        stochastic-activation masks so they do not depend on ranks or micro-batching. None: row b
-        counts as sample b (evaluation, generation)."""
+        stochastic-activation masks so they do not depend on ranks or micro-batching. None: every
+        row counts as sample 0 (evaluation, generation), so batching never changes a result."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         h = self.embed(input_ids)

@@ -16,7 +16,8 @@ picked where the hash is below p * 2^32. Hence:
 - the same on every device (integer arithmetic), and recomputed identically by activation
   checkpointing or a KV-cache decode (positions are absolute);
 - drawn once in forward and saved for backward (the autograd Function keeps the boolean mask).
-Without `sample_index` (evaluation, generation) row b of the batch acts as sample b.
+Without `sample_index` (evaluation, generation) every row acts as sample 0, so a sequence's masks
+depend on its positions only, never on how requests were batched.
 
 Granularity (`model.ffn.stochastic.granularity`): `element` (default: one draw per hidden unit,
 the only one that gives a per-unit gradient through u < 0), `token` (one draw per token, shared
@@ -103,7 +104,7 @@ def silu_mask(shape: tuple[int, int, int], p: float, granularity: str, seed: int
     if granularity == "call":
         return torch.full((1, 1, 1), call_hash(seed, layer, step) < threshold, device=device)
     if sample_index is None:
-        sample_index = torch.arange(B, device=device)
+        sample_index = torch.zeros(B, dtype=torch.int64, device=device)
     if sample_index.shape != (B,):
         raise ValueError(f"sample_index must have shape ({B},), got {tuple(sample_index.shape)}")
     h = token_hash(seed, layer, sample_index.to(device), start, T)

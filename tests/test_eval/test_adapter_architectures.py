@@ -19,6 +19,11 @@ ARCHITECTURES = {
                                                              "S": {"kind": "attention", "window": 8}}}},
     "mlp_layernorm": {"ffn": {"kind": "mlp", "activation": "gelu"}, "norm": {"block": "layernorm",
                                                                              "final": "layernorm"}},
+    "polynorm": {"ffn": {"kind": "mlp", "activation": "polynorm"}},
+    "stochastic_glu": {"ffn": {"kind": "glu", "activation": "stochastic",
+                               "stochastic": {"p": 0.5, "eval_mode": "stochastic", "seed": 3}}},
+    "fused_linear_no_norm": {"ffn": {"kind": "fused_linear", "activation": "identity"},
+                             "norm": {"block": "none", "final": "rmsnorm"}},
 }
 CODE = "def f(x):\n    return x * 2\n\nfor i in range(10):\n    print(f(i))\n"
 
