@@ -1,7 +1,6 @@
 """Helpers shared by test files (importable as `ablate_testing`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil

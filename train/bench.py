@@ -6,7 +6,6 @@ the overhead the configurable model costs.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -87,8 +86,6 @@ def _time_steps(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torc
     fwd = bwd = opt = 0.0
     n_tok = sum(int((y != -100).sum()) for _, y in batches)
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        losses = []
         tf = tb = 0.0
         for x, y in batches:
             a = time.perf_counter()
@@ -101,7 +98,6 @@ def _time_steps(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torc
             loss.backward()
             _sync(device)
             tf, tb = tf + (b - a), tb + (time.perf_counter() - b)
-            losses.append(loss)
         c = time.perf_counter()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -149,8 +145,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
         f"forward {ours['forward']:.0%} backward {ours['backward']:.0%} optimizer {ours['optimizer']:.0%}",
         f"           MFU {mfu}  peak memory {mem:.2f} GB  FLOPs/token {fpt:,.0f}",
     ]
-    del model, opt
     if reference:
+        del model, opt          # free our model before building the reference
         torch.manual_seed(cfg.seed)
         ref = ReferenceDecoder(cfg).to(device)
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,

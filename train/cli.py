@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
 from models.registry import ConfigError
 

@@ -18,15 +18,6 @@ from models.registry import ConfigError
 V = 53
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ffn_variants() -> list[tuple[str, str]]:
     """(ffn kind, activation) for every activation each registered FFN kind accepts."""
     candidates = sorted(set(registry.ACTIVATIONS.names()) | set(GLU_GATES))

@@ -17,15 +17,6 @@ from models.widths import glu_width, mlp_width, polycom_width
 D = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cfg_for(kind: str, act: str, d: int = D, **ffn):
     return model_config({"d_model": d, "n_layers": 1, "n_heads": 2, "vocab_size": 50,
                          "ffn": {"kind": kind, "activation": act, **ffn}})

@@ -18,15 +18,6 @@ from models.mixers.attention import MixerContext
 V = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def act_for(p: float, granularity: str = "element", eval_mode: str = "relu", seed: int = 0, layer: int = 0):
     cfg = model_config({"d_model": 16, "n_layers": 1, "n_heads": 2, "vocab_size": V,
                         "ffn": {"kind": "mlp", "activation": "stochastic",
