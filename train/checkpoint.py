@@ -5,9 +5,16 @@ A checkpoint is `checkpoints/step-XXXXXXXX/`: the DCP files of {"model", "optim"
 renamed, and only then given its COMPLETE marker; resume considers complete ones only, so a
 crash or a second signal at any point leaves the previous checkpoint as the newest complete one.
 DCP needs no process group, so the distributed backends reuse this format unchanged.
+
+Under `parallel.backend: deepspeed` the model and optimizer part is DeepSpeed's own format instead
+(`engine.save_checkpoint` into `deepspeed/` inside the same temporary dir, plus `deepspeed.json`
+naming the ZeRO stage and world size); trainer_state.pt, the RNG files, the rename and COMPLETE
+are the same. Such a checkpoint resumes on the same world size only; `consolidate` and
+`load_model_weights` read it without a process group through DeepSpeed's zero_to_fp32.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -25,12 +32,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from models.registry import ConfigError
 from train.rundir import step_name
 
 COMPLETE = "COMPLETE"
 # Without a process group DCP warns that it assumes a single process: that is the intent here.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 TRAINER_STATE = "trainer_state.pt"
+DS_META = "deepspeed.json"        # marks a DeepSpeed-format checkpoint
+DS_DIR = "deepspeed"              # engine.save_checkpoint's save_dir inside the step dir
+DS_TAG = "zero"                   # its tag (a subdirectory of DS_DIR)
+
+
+def is_deepspeed(path: Path) -> bool:
+    return (Path(path) / DS_META).exists()
 
 
 def _step_of(path: Path) -> int | None:
@@ -90,12 +105,13 @@ def _rng_file(rank: int) -> str:
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], rng: dict[str, Any] | None = None,
                     rank: int = 0, barrier: Callable[[], None] = lambda: None,
-                    agree: Callable[[bool], bool] = lambda flag: flag) -> dict[str, Any]:
+                    agree: Callable[[bool], bool] = lambda flag: flag, engine: Any = None) -> dict[str, Any]:
     """Write checkpoint `step` atomically; returns {"seconds", "bytes", "path"} for the event row.
 
     Under a process group every rank calls this: each writes its DCP shards and its RNG state
     into the shared temporary directory; rank 0 renames it and writes COMPLETE only after all
     ranks have finished (barriers), so a checkpoint is never complete with a missing shard.
+    With a DeepSpeed `engine` the model/optimizer part is the engine's own checkpoint.
     """
     t0 = time.perf_counter()
     final = ckpt_root / step_name(step)
@@ -107,14 +123,24 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     optim_empty = optimizer is not None and not optimizer.state
-    if optimizer is not None:
+    if engine is not None:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
+        if rank == 0:
+            (tmp / DS_META).write_text(json.dumps({"tag": DS_TAG, "world_size": world,
+                                                   "zero_stage": engine.zero_optimization_stage()}) + "\n")
+        if (tmp / DS_DIR / DS_TAG).is_dir():
+            _fsync_files(tmp / DS_DIR / DS_TAG)
+        optim_empty = False
+    elif optimizer is not None:
         # get_state_dict fills an empty optimizer's state with a zero-lr step (AdamW's counter
         # becomes 1); undo that below so a checkpoint before the first step changes nothing
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
     else:
         state = {"model": get_model_state_dict(model)}
-    dcp.save(state, checkpoint_id=str(tmp))
+    if engine is None:
+        dcp.save(state, checkpoint_id=str(tmp))
     if optim_empty:
         optimizer.state.clear()
     trainer_state = {**trainer_state, "optim_empty": optim_empty}
@@ -135,13 +161,19 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    rank: int = 0) -> dict[str, Any]:
+                    rank: int = 0, engine: Any = None, world_size: int | None = None) -> dict[str, Any]:
     """Load model (and optimizer) state in place, resharding to the current world size.
 
     Returns the trainer state with this rank's RNG state under "rng" (rank 0's when the
-    checkpoint was written by fewer ranks).
+    checkpoint was written by fewer ranks). With a DeepSpeed `engine` the checkpoint must be a
+    DeepSpeed one written by `world_size` ranks.
     """
-    if optimizer is not None:
+    ds_ckpt = is_deepspeed(path)
+    if engine is not None or ds_ckpt:
+        _check_deepspeed_resume(path, engine, ds_ckpt, world_size)
+        engine.load_checkpoint(str(path / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+    elif optimizer is not None:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path))
@@ -159,10 +191,40 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return trainer_state
 
 
+def _check_deepspeed_resume(path: Path, engine: Any, ds_ckpt: bool, world_size: int | None) -> None:
+    if engine is None:
+        raise ConfigError("parallel.backend", f"{path} is a DeepSpeed checkpoint: resume it with "
+                                              "parallel.backend=deepspeed (or take its weights with init_from)")
+    if not ds_ckpt:
+        raise ConfigError("parallel.backend", f"{path} is not a DeepSpeed checkpoint: parallel.backend=deepspeed "
+                                              "resumes DeepSpeed checkpoints only (take its weights with init_from)")
+    meta = json.loads((path / DS_META).read_text())
+    stage = engine.zero_optimization_stage()
+    if world_size is not None and meta["world_size"] != world_size:
+        raise ConfigError("parallel.backend", f"the DeepSpeed checkpoint {path} was written by {meta['world_size']} "
+                                              f"ranks, this run has {world_size}: parallel.backend=deepspeed resumes "
+                                              "on the same world size only (start a new run with init_from to keep "
+                                              "the weights)")
+    if meta["zero_stage"] != stage:
+        raise ConfigError("parallel.zero_stage", f"the DeepSpeed checkpoint {path} is ZeRO stage {meta['zero_stage']}, "
+                                                 f"this run uses stage {stage}")
+
+
+def _deepspeed_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state of a DeepSpeed checkpoint (zero_to_fp32; no process group)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    meta = json.loads((path / DS_META).read_text())
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path / DS_DIR), tag=meta["tag"])
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 def consolidate(path: Path, out: Path) -> dict[str, Any]:
     """One full-precision model state dict from a (possibly sharded) checkpoint, no process group."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-    state = _load_state_dict_from_keys({"model"}, checkpoint_id=str(path))["model"]
+    if is_deepspeed(path):
+        state = _deepspeed_model_state(path)
+    else:
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+        state = _load_state_dict_from_keys({"model"}, checkpoint_id=str(path))["model"]
     state = {k: (v.float() if torch.is_floating_point(v) else v) for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -173,6 +235,10 @@ def consolidate(path: Path, out: Path) -> dict[str, Any]:
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Model weights only (init_from, generate, eval): the optimizer part is never read."""
+    if is_deepspeed(path):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        set_model_state_dict(model, _deepspeed_model_state(path), options=StateDictOptions(full_state_dict=True))
+        return
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])

@@ -185,8 +185,8 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: Literal["none", "ddp", "fsdp2"] = "none"   # the DeepSpeed issue adds deepspeed
-    zero_stage: int = 1
+    backend: Literal["none", "ddp", "fsdp2", "deepspeed"] = "none"
+    zero_stage: int = 1                # deepspeed: ZeRO stage 1, 2 or 3
     reshard_after_forward: bool = True
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     ac_every: int = 2                  # selective: checkpoint every k-th block (0, k, 2k, ...)
@@ -203,7 +203,11 @@ class ParallelConfig:
         require(self.timeout_s > 0, f"{path}.timeout_s", f"must be > 0, got {self.timeout_s}")
         if self.backend != "fsdp2":
             for key, default in (("replicate", 1), ("cpu_offload", False)):
-                require(getattr(self, key) == default, f"{path}.{key}", f"only applies to parallel.backend=fsdp2")
+                require(getattr(self, key) == default, f"{path}.{key}", "only applies to parallel.backend=fsdp2")
+        require(self.zero_stage in (1, 2, 3), f"{path}.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
+        if self.backend == "deepspeed":
+            require(self.reduce_dtype == "fp32", f"{path}.reduce_dtype",
+                    "only applies to parallel.backend=fsdp2 (deepspeed reduces in its own dtype)")
 
 
 @dataclass

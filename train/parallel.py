@@ -1,4 +1,4 @@
-"""Process groups and parallel backends (`parallel.backend: none | ddp | fsdp2`).
+"""Process groups and parallel backends (`parallel.backend: none | ddp | fsdp2 | deepspeed`).
 
 The trainer loop is the same for every backend: a `Backend` wraps the model (activation
 checkpointing -> torch.compile per block -> DDP or FSDP2), tells the loop how to skip gradient
@@ -6,14 +6,22 @@ sync on non-final micro-batches, and provides the collectives the loop needs (to
 losses, stop agreement). Model code stays single-device. Checkpoints go through DCP's
 `get_state_dict` / `set_state_dict`, which see through every wrapper, so the saved keys are the
 plain model's and a run can resume under another backend or world size.
+
+The step itself also goes through the backend (`backward`, `clip_grads`, `optimizer_step`,
+`discard_grads`, `setup`, `close`): the defaults are exactly the plain torch calls, and
+`DeepSpeedBackend` maps them onto a DeepSpeed ZeRO engine (see its docstring).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
+import importlib
+import logging
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -150,6 +158,37 @@ class Backend:
         """Multiplier on the local loss so that averaged gradients equal the global sum / tokens."""
         return float(self.info.world_size)
 
+    # -- the step (defaults: the plain torch calls) ------------------------------------
+    engine = None          # the DeepSpeed engine, when there is one (checkpoints use its format)
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, accum: int) -> nn.Module:
+        """Called once the optimizer exists (and init_from weights are loaded); returns the model
+        the loop trains (the same module for none/ddp/fsdp2)."""
+        return model
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grads(self, model: nn.Module, max_norm: float) -> float | None:
+        """Clip and return the global grad norm, or None when the backend clips inside its step."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):    # FSDP2: a DTensor whose full value is its local one
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float | None:
+        """Apply the update and clear the gradients; returns the grad norm if the step computed it."""
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return None
+
+    def discard_grads(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """A skipped step (non-finite, spike): drop the accumulated gradients without an update."""
+        optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Release backend state before the process group goes down."""
+
 
 class DDPBackend(Backend):
     name = "ddp"
@@ -196,6 +235,9 @@ class FSDP2Backend(Backend):
                                               reduce_dtype=_DTYPES[pcfg.reduce_dtype]),
         }
         if pcfg.cpu_offload:
+            if self.device.type != "cuda":
+                raise ConfigError("parallel.cpu_offload", "offloads GPU parameters to the CPU: it needs "
+                                                          "device=cuda (training on the CPU already keeps them there)")
             kwargs["offload_policy"] = CPUOffloadPolicy()
         for i, block in enumerate(model.blocks):
             # the last block is resharded by the root's own all-gather: keep it unsharded
@@ -216,7 +258,128 @@ class FSDP2Backend(Backend):
             model.set_requires_gradient_sync(True)
 
 
-BACKENDS = {"none": Backend, "ddp": DDPBackend, "fsdp2": FSDP2Backend}
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO stage 1/2/3 (`parallel.zero_stage`), launched with torchrun like the others.
+
+    - Our torch optimizer (all its tagged groups: weight decay, CompleteP lr/eps, base_lr) is the
+      client optimizer of `deepspeed.initialize`; ZeRO wraps it and keeps its param_groups, so
+      the loop's `set_lr(optimizer, factor)` keeps setting every group's lr from `base_lr` each
+      step. No client lr scheduler: the schedule is a pure function of our step, which our
+      trainer_state restores, so there is no scheduler state to checkpoint or to get out of sync.
+    - The generated config: micro-batch, accumulation steps, `gradient_clipping`
+      (= optim.grad_clip), bf16 (param_dtype: auto -> bf16 on CUDA, fp32 on CPU), ZeRO stage.
+    - Accumulation: the loop's `grad_sync(sync)` sets the engine's accumulation boundary, each
+      micro-batch calls `engine.backward(loss, scale_wrt_gas=False)` (our loss is already
+      normalised by the step's target tokens, so DeepSpeed's division by the accumulation steps
+      is turned off) and `engine.step()` runs once, at the boundary.
+    - Finite guard: the loop checks the all-reduced loss before the step; a non-finite loss (or
+      a skipped spike) never reaches `engine.step()`, and the accumulated gradients are dropped
+      the way DeepSpeed's own overflow path drops them. A non-finite grad norm at the step is
+      DeepSpeed's overflow: it skips the update itself, and the loop reports the step skipped.
+    - Teardown: `engine.destroy()` then `gc.collect()` before the process group is destroyed
+      (without it a rank sometimes aborts at exit with SIGABRT).
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, cfg, info: DistInfo, device: torch.device):
+        super().__init__(cfg, info, device)
+        if cfg.optim.name == "muon":
+            raise ConfigError("parallel.backend", "deepspeed does not support optim.name=muon (ZeRO flattens the "
+                                                  "parameters Muon orthogonalises as matrices); use adamw or fsdp2")
+        self.engine = None
+
+    def _bf16(self) -> bool:
+        choice = self.cfg.parallel.param_dtype
+        return choice == "bf16" or (choice == "auto" and self.device.type == "cuda")
+
+    def ds_config(self, accum: int) -> dict[str, Any]:
+        t = self.cfg.train
+        return {
+            "train_micro_batch_size_per_gpu": t.micro_batch,
+            "gradient_accumulation_steps": accum,
+            "train_batch_size": t.global_batch,
+            "gradient_clipping": float(self.cfg.optim.grad_clip),
+            "zero_optimization": {"stage": self.cfg.parallel.zero_stage},
+            "bf16": {"enabled": self._bf16()},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, accum: int) -> nn.Module:
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+        # DeepSpeed calls these torch collectives by their deprecated names on every step
+        warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                                category=FutureWarning)
+        # no JIT build of the shared-memory comm op on CPU (gloo does the collectives)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        os.environ.setdefault("LOCAL_RANK", str(self.info.local_rank))    # a run started without torchrun
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(accum))
+        self.engine = engine
+        return engine
+
+    def autocast(self):
+        return contextlib.nullcontext()       # bf16 is DeepSpeed's (module in bf16), fp32 otherwise
+
+    @contextlib.contextmanager
+    def grad_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        model.set_gradient_accumulation_boundary(sync)
+        yield
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        model.backward(loss, scale_wrt_gas=False)
+
+    def clip_grads(self, model: nn.Module, max_norm: float) -> float | None:
+        return None                           # gradient_clipping in the DeepSpeed config
+
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float | None:
+        model.step()
+        norm = model.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm
+
+    def discard_grads(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """What DeepSpeed's own overflow branch does at a step, without the step."""
+        opt = model.optimizer
+        opt.zero_grad(set_to_none=True)
+        if self.cfg.parallel.zero_stage == 3:
+            opt.averaged_gradients = {}
+        else:
+            if hasattr(opt, "_release_preflattened_grad_buffers"):
+                opt._release_preflattened_grad_buffers()
+            for k in list(getattr(opt, "averaged_gradients", {}).keys()):
+                opt.averaged_gradients[k] = None
+            for k in list(getattr(opt, "all_grad_tensors", {}).keys()):
+                opt.all_grad_tensors[k] = None
+            if hasattr(opt, "micro_step_id"):
+                from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+                opt.micro_step_id = INITIAL_MICRO_STEP_ID
+        model.zero_grad()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+            # forget DeepSpeed's wrapper of this process group: the caller destroys the group, and
+            # a later run in the same process wraps its new one
+            importlib.import_module("deepspeed.comm.comm").cdb = None
+            groups = importlib.import_module("deepspeed.utils.groups")
+            for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                         "_MODEL_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP"):
+                if hasattr(groups, name):
+                    setattr(groups, name, None)
+            for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                         "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+                if isinstance(getattr(groups, name, None), dict):
+                    getattr(groups, name).clear()
+        gc.collect()
+
+
+BACKENDS = {"none": Backend, "ddp": DDPBackend, "fsdp2": FSDP2Backend, "deepspeed": DeepSpeedBackend}
 
 
 def make_backend(cfg, info: DistInfo, device: torch.device) -> Backend:
@@ -224,5 +387,5 @@ def make_backend(cfg, info: DistInfo, device: torch.device) -> Backend:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Decoder inside a DDP wrapper (FSDP2 keeps the module itself)."""
+    """The Decoder inside a DDP wrapper or DeepSpeed engine (FSDP2 keeps the module itself)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model

@@ -242,6 +242,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, info: DistInfo) -> TrainResul
             run.set_marker("FAILED", f"{type(e).__name__}: {e}")     # any rank: the first cause wins
         raise
     finally:
+        backend.close()               # DeepSpeed: engine.destroy() + gc before the group goes down
         if logger is not None:
             logger.close()
         stop.restore()
@@ -266,13 +267,15 @@ def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, dev
     latest = ckpt.latest_checkpoint(run.checkpoints)
     source = latest[1] if latest is not None else (_checkpoint_dir(cfg.branch_from, "branch_from")
                                                    if cfg.branch_from else None)
+    if source is None and cfg.init_from:       # into the plain model, before any engine wraps it
+        ckpt.load_model_weights(_checkpoint_dir(cfg.init_from, "init_from"), model)
+    model = backend.setup(model, optimizer, accum)
     if source is not None:
-        state = ckpt.load_checkpoint(source, model, optimizer, rank=info.rank)
+        state = ckpt.load_checkpoint(source, model, optimizer, rank=info.rank, engine=backend.engine,
+                                     world_size=dp)
         start_step, sample_index = state["step"], state["data"]["sample_index"]
         spikes.history = list(state.get("spike_history", []))
         set_rng_state(state["rng"])
-    elif cfg.init_from:
-        ckpt.load_model_weights(_checkpoint_dir(cfg.init_from, "init_from"), model)
     loader = data_mod.Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed,
                              rank=info.rank, world_size=dp, start_index=sample_index)
     val_data = data_mod.val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.val_batches)
@@ -308,13 +311,22 @@ def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, dev
         saved = ckpt.save_checkpoint(run.checkpoints, step, model, optimizer,
                                      {"step": step, "data": loader.state_dict(), "tokens": step * tokens_per_step,
                                       "world_size": dp, "spike_history": list(spikes.history)},
-                                     rng=rng_state(), rank=info.rank, barrier=backend.barrier, agree=backend.any)
+                                     rng=rng_state(), rank=info.rank, barrier=backend.barrier, agree=backend.any,
+                                     engine=backend.engine)
         if main:
             if not saved.get("existed"):
                 log({"kind": "event", "event": "checkpoint", "step": step,
                      "seconds": round(saved["seconds"], 4), "bytes": saved["bytes"]})
             ckpt.prune(run.checkpoints, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
         backend.barrier()
+
+    def nonfinite(step: int, loss_sum: float, grad_norm: float | None) -> None:
+        """A skipped non-finite step (its gradients already dropped): halt or log it."""
+        if cfg.train.nonfinite == "halt":
+            raise FloatingPointError(f"non-finite loss ({loss_sum}) or grad norm ({grad_norm}) "
+                                     f"at step {step} (train.nonfinite=halt)")
+        log({"kind": "event", "event": "skip_nonfinite", "step": step,
+             "loss": str(loss_sum), "grad_norm": str(grad_norm)})
 
     val_loss = None
     step = start_step
@@ -351,29 +363,29 @@ def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, dev
                     loss = (ce + z) * backend.grad_scale / n_targets
                     if step + 1 in nan_steps:
                         loss = loss * float("nan")
-                    loss.backward()
+                    backend.backward(model, loss)
                 loss_sum += float(ce.detach()) / n_targets if step + 1 not in nan_steps else float("nan")
             loss_sum = backend.sum(loss_sum)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            grad_norm = backend.clip_grads(model, clip)     # None: clipped inside the backend's step
             step += 1
             spike = spikes.is_spike(loss_sum)
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.train.nonfinite == "halt":
-                    raise FloatingPointError(f"non-finite loss ({loss_sum}) or grad norm ({grad_norm}) "
-                                             f"at step {step} (train.nonfinite=halt)")
-                log({"kind": "event", "event": "skip_nonfinite", "step": step,
-                     "loss": str(loss_sum), "grad_norm": str(grad_norm)})
+            if not (math.isfinite(loss_sum) and (grad_norm is None or math.isfinite(grad_norm))):
+                backend.discard_grads(model, optimizer)
+                nonfinite(step, loss_sum, grad_norm)
             elif spike and cfg.train.spike_action == "skip":
-                optimizer.zero_grad(set_to_none=True)
+                backend.discard_grads(model, optimizer)
                 log({"kind": "event", "event": "spike", "step": step, "loss": loss_sum, "skipped": True})
             else:
                 if spike:
                     log({"kind": "event", "event": "spike", "step": step, "loss": loss_sum, "skipped": False})
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                spikes.update(loss_sum)
+                step_norm = backend.optimizer_step(model, optimizer)
+                if grad_norm is None:
+                    grad_norm = step_norm
+                if grad_norm is not None and not math.isfinite(grad_norm):
+                    nonfinite(step, loss_sum, grad_norm)     # DeepSpeed: its overflow check skipped the update
+                else:
+                    spikes.update(loss_sum)
             tokens_since += tokens_per_step
             samples = [step * cfg.train.global_batch - cfg.train.global_batch, step * cfg.train.global_batch - 1]
             if dp == 1:     # the loader's own record of what it consumed
@@ -413,13 +425,6 @@ def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, dev
     finally:
         if progress is not None:
             progress.close()
-
-
-def _as_float(norm: torch.Tensor) -> float:
-    """A grad norm as a float (FSDP2 returns a DTensor: the full value is its local one, replicated)."""
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 class SpikeDetector:

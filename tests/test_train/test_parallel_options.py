@@ -49,3 +49,10 @@ def test_parallel_validation_errors(tiny_dict):
     with pytest.raises(ConfigError) as e:
         train(make_cfg(tiny_dict, train__global_batch=6, train__micro_batch=4), "/nonexistent")
     assert e.value.key == "train.global_batch"
+
+
+def test_cpu_offload_needs_cuda(tmp_path, tiny_dict):
+    with pytest.raises(ConfigError) as e:
+        train(make_cfg(tiny_dict, parallel__backend="fsdp2", parallel__cpu_offload=True), tmp_path / "off")
+    assert e.value.key == "parallel.cpu_offload"
+    assert not (tmp_path / "off").exists()
