@@ -22,6 +22,18 @@ TINY = {
     "checkpoint": {"every": 4, "keep_last": 10},
 }
 
+# The 2-rank tests' run: 4 micro-batches of 2 per step, so 1, 2 or 4 ranks divide it.
+DIST = {
+    "seed": 0, "device": "cpu",
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
+    "tokenizer": {"kind": "bpe", "vocab_size": 384},
+    "data": {"source": "embedded", "seq_len": 32, "embedded_max_bytes": 400_000},
+    "train": {"steps": 10, "global_batch": 8, "micro_batch": 2, "log_every": 1, "val_every": 5,
+              "val_batches": 2, "progress": False},
+    "optim": {"name": "adamw", "lr": 1.0e-2, "schedule": {"kind": "cosine", "warmup": 2}},
+    "checkpoint": {"every": 5, "keep_last": 10},
+}
+
 
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))

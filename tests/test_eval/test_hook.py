@@ -5,7 +5,6 @@ import json
 import random
 import subprocess
 import sys
-import typing
 
 import numpy as np
 import pytest
@@ -107,16 +106,9 @@ def test_hook_lockstep_under_fsdp2_gloo(fresh_run, trained_run, tmp_path, eval_c
     assert len(got["gens"]) == 3 and len(got["lls"]) == 1
 
 
-def _fsdp2_backend() -> bool:
-    from train.config import ParallelConfig
-    return "fsdp2" in typing.get_args(typing.get_type_hints(ParallelConfig)["backend"])
-
-
 @pytest.mark.slow
 def test_trainer_hook_under_fsdp2(eval_dict, tmp_path, eval_cache):
     """The trainer's own FSDP2 backend with the hook on 2 gloo ranks: same losses as without."""
-    if not _fsdp2_backend():
-        pytest.skip("parallel.backend=fsdp2 does not exist yet (Distributed training 1/2)")
     import yaml
     cfg = dict(eval_dict)
     path = tmp_path / "tiny.yaml"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ablate_testing import REPO, copy_run, make_cfg, subprocess_env, train_rows, write_config
+from ablate_testing import DIST, REPO, copy_run, make_cfg, subprocess_env, train_rows, write_config
 
 from models.registry import ConfigError
 from train import checkpoint as ckpt
@@ -19,16 +19,6 @@ from train import checkpoint as ckpt
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
-DIST = {
-    "seed": 0, "device": "cpu",
-    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
-    "tokenizer": {"kind": "bpe", "vocab_size": 384},
-    "data": {"source": "embedded", "seq_len": 32, "embedded_max_bytes": 400_000},
-    "train": {"steps": 10, "global_batch": 8, "micro_batch": 2, "log_every": 1, "val_every": 5,
-              "val_batches": 2, "progress": False},
-    "optim": {"name": "adamw", "lr": 1.0e-2, "schedule": {"kind": "cosine", "warmup": 2}},
-    "checkpoint": {"every": 5, "keep_last": 10},
-}
 STAGES = (1, 2, 3)
 
 
