@@ -205,14 +205,6 @@ def _lm_eval_version() -> str | None:
         return None
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
 def checkpoint_steps(run: RunDir, step: int | str | None) -> list[int]:
     """--step latest | all | N -> the complete checkpoint steps to evaluate."""
     from train import checkpoint as ckpt
@@ -248,9 +240,12 @@ def evaluate_run(run_dir: str | Path, step: int | str | None, spec: EvalSpec,
     tokenizer = load_tokenizer(run.tokenizer_dir)
     steps = checkpoint_steps(run, step)
     import models
-    model = models.Decoder(cfg.model).to(_device(device or cfg.device))
+    from train.activation_schedule import apply_checkpoint_activation
+    from train.trainer import resolve_device
+    model = models.Decoder(cfg.model).to(resolve_device(device or cfg.device))
     out = []
     for s in steps:
         ckpt.load_model_weights(run.checkpoints / step_name(s), model)
+        apply_checkpoint_activation(model, s, cfg)     # a ReLU fine-tune checkpoint is evaluated with ReLU
         out.append(evaluate_model(model, tokenizer, run, s, spec))
     return out

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -69,3 +72,42 @@ def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
 
+
+
+def torchrun(setup: dict, run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
+             wait: bool = True, timeout: float = 180):
+    """`torchrun -m train setup["cfg"] ...` on `nproc` ranks: (returncode, output), or the Popen."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           "-m", "train", str(setup["cfg"]), *overrides, "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(setup["cache"]), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def rewind(run: Path, to_step: int) -> None:
+    """Delete the checkpoints after `to_step` and DONE, so the run resumes from `to_step`."""
+    from train import checkpoint as ckpt
+    for step, path in ckpt.complete_checkpoints(run / "checkpoints"):
+        if step > to_step:
+            shutil.rmtree(path)
+    (run / "DONE").unlink(missing_ok=True)
+
+
+def wait_for(pred, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Poll `pred` (files may be mid-write) until true; fail if `proc` ends first or time runs out."""
+    t0 = time.time()
+    while True:
+        try:
+            if pred():
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}):\n{proc.stdout.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)

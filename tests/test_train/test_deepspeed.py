@@ -4,14 +4,13 @@ combinations, the finite guard, clean shutdown."""
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from ablate_testing import DIST, REPO, copy_run, make_cfg, subprocess_env, train_rows, write_config
+from ablate_testing import DIST, REPO, copy_run, make_cfg, rewind, subprocess_env, torchrun, train_rows, write_config
 
 from models.registry import ConfigError
 from train import checkpoint as ckpt
@@ -36,14 +35,6 @@ def setup(tmp_path_factory):
     return {"root": root, "cfg": cfg_path, "data": data, "cache": cache, "reference": reference, "runs": {}}
 
 
-def torchrun(setup, run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None, timeout: float = 180):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "-m", "train", str(setup["cfg"]), *overrides, "--run-dir", str(run_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**subprocess_env(setup["cache"]), **(env or {})},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout
-
-
 def ds(stage: int) -> tuple[str, str]:
     return "parallel.backend=deepspeed", f"parallel.zero_stage={stage}"
 
@@ -60,13 +51,6 @@ def stage_run(setup, stage: int) -> Path:
 
 def losses(run: Path) -> list[float]:
     return [r["loss"] for r in train_rows(run)]
-
-
-def _rewind(run: Path, to_step: int) -> None:
-    for step, path in ckpt.complete_checkpoints(run / "checkpoints"):
-        if step > to_step:
-            shutil.rmtree(path)
-    (run / "DONE").unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -88,7 +72,7 @@ def test_stage_matches_single_process(setup, stage):
 def test_exact_resume_same_world_size(setup, stage, tmp_path):
     full = stage_run(setup, stage)
     run = copy_run(full, tmp_path / "run")
-    _rewind(run, 5)
+    rewind(run, 5)
     code, out = torchrun(setup, run, *ds(stage))
     assert code == 0, out
     assert losses(run) == losses(full)
@@ -123,7 +107,7 @@ def test_consolidate_equals_live_model(setup, stage, tmp_path):
 
 def test_other_world_size_and_backend_are_refused(setup, tmp_path):
     run = copy_run(stage_run(setup, 2), tmp_path / "run")
-    _rewind(run, 5)
+    rewind(run, 5)
     code, out = torchrun(setup, run, *ds(2), nproc=1)
     assert code != 0
     assert "written by 2 ranks" in out and "parallel.backend" in out

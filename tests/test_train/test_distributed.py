@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ablate_testing import DIST, REPO, copy_run, make_cfg, subprocess_env, train_rows, write_config
+from ablate_testing import (DIST, REPO, copy_run, make_cfg, rewind, subprocess_env, torchrun, train_rows,
+                            wait_for, write_config)
 
 from train import checkpoint as ckpt
 
@@ -33,18 +33,6 @@ def setup(tmp_path_factory):
     reference = root / "reference"
     train(make_cfg(data), reference)
     return {"root": root, "cfg": cfg_path, "data": data, "cache": cache, "reference": reference}
-
-
-def torchrun(setup, run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
-             wait: bool = True, timeout: float = 180):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "-m", "train", str(setup["cfg"]), *overrides, "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(setup["cache"]), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
 
 
 def losses(run: Path) -> list[float]:
@@ -81,16 +69,9 @@ def test_fsdp2_matches_single_process_and_checkpoints_are_sharded(setup, fsdp_ru
     assert [r["samples"] for r in train_rows(fsdp_run)] == [[8 * i, 8 * i + 7] for i in range(10)]
 
 
-def _rewind(run: Path, to_step: int) -> None:
-    for step, path in ckpt.complete_checkpoints(run / "checkpoints"):
-        if step > to_step:
-            shutil.rmtree(path)
-    (run / "DONE").unlink(missing_ok=True)
-
-
 def test_fsdp2_exact_resume_same_world_size(setup, fsdp_run, tmp_path):
     run = copy_run(fsdp_run, tmp_path / "run")
-    _rewind(run, 5)
+    rewind(run, 5)
     code, out = torchrun(setup, run, "parallel.backend=fsdp2")
     assert code == 0, out
     assert losses(run) == losses(fsdp_run)
@@ -99,7 +80,7 @@ def test_fsdp2_exact_resume_same_world_size(setup, fsdp_run, tmp_path):
 def test_fsdp2_resume_two_ranks_to_one(setup, fsdp_run, tmp_path):
     from train.trainer import train
     run = copy_run(fsdp_run, tmp_path / "run")
-    _rewind(run, 5)
+    rewind(run, 5)
     train(make_cfg(setup["data"], parallel__backend="fsdp2"), run)
     assert_close(losses(run), losses(fsdp_run))
     assert [r["samples"] for r in train_rows(run)][5:] == [[8 * i, 8 * i + 7] for i in range(5, 10)]
@@ -111,7 +92,7 @@ def test_resume_one_rank_to_two(setup, tmp_path):
     one = make_cfg({**setup["data"], "train": {**setup["data"]["train"], "steps": 10}},
                    parallel__backend="fsdp2")
     train(one, run)
-    _rewind(run, 5)
+    rewind(run, 5)
     code, out = torchrun(setup, run, "parallel.backend=fsdp2")
     assert code == 0, out
     assert_close(losses(run), losses(setup["reference"]))
@@ -141,14 +122,14 @@ def test_stop_file_and_sigusr1_to_one_rank(setup, tmp_path):
     run = tmp_path / "stop"
     long = ("train.steps=400", "checkpoint.every=0", "parallel.backend=fsdp2")
     proc = torchrun(setup, run, *long, wait=False)
-    _wait(lambda: (run / "metrics.jsonl").exists() and len(train_rows(run)) >= 3, proc)
+    wait_for(lambda: (run / "metrics.jsonl").exists() and len(train_rows(run)) >= 3, proc)
     (run / "STOP").write_text("")
     assert proc.wait(timeout=60) == 0
     assert (run / "REQUEUE").exists() and not (run / "STOP").exists()
     first = ckpt.latest_checkpoint(run / "checkpoints")[0]
 
     proc = torchrun(setup, run, *long, wait=False)
-    _wait(lambda: len(train_rows(run)) >= first + 3, proc)
+    wait_for(lambda: len(train_rows(run)) >= first + 3, proc)
     worker = _worker_pids(proc.pid)[-1]             # one rank only: the ranks must agree
     os.kill(worker, signal.SIGUSR1)
     assert proc.wait(timeout=60) == 0
@@ -161,7 +142,7 @@ def test_killed_rank_then_resume(setup, tmp_path):
     run = tmp_path / "killed"
     long = ("train.steps=60", "checkpoint.every=5", "parallel.backend=ddp", "parallel.timeout_s=30")
     proc = torchrun(setup, run, *long, wait=False)
-    _wait(lambda: (run / "checkpoints" / "step-00000010" / "COMPLETE").exists(), proc)
+    wait_for(lambda: (run / "checkpoints" / "step-00000010" / "COMPLETE").exists(), proc)
     os.kill(_worker_pids(proc.pid)[-1], signal.SIGKILL)
     t0 = time.time()
     assert proc.wait(timeout=60) != 0
@@ -199,22 +180,6 @@ def test_mismatched_configs_are_refused(setup, tmp_path):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _wait(pred, proc, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while True:
-        try:
-            if pred():
-                return
-        except (FileNotFoundError, ValueError):
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"ended early ({proc.returncode}):\n{proc.stdout.read()}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 def _worker_pids(agent_pid: int) -> list[int]:
     """The worker processes torchrun's agent started (its children), oldest first."""
     out = subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ablate_testing import REPO, copy_run, make_cfg, subprocess_env, train_rows, write_config
+from ablate_testing import REPO, copy_run, make_cfg, subprocess_env, train_rows, wait_for, write_config
 
 from models.registry import ConfigError
 from train import checkpoint as ckpt
@@ -171,17 +171,6 @@ def _start(cfg_path: Path, run_dir: Path, cache_dir: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while not pred():
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}):\n{proc.stdout.read()}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 LONG = {"train": {"steps": 60, "log_every": 1, "val_every": 0}, "checkpoint": {"every": 5, "keep_last": 3}}
 
 
@@ -198,7 +187,7 @@ def test_sigkill_then_resume_consumes_every_sample_once(tmp_path, tiny_dict, cac
                           cwd=REPO, env=subprocess_env(cache_dir), capture_output=True).returncode == 0
     run = tmp_path / "killed"
     proc = _start(cfg_path, run, cache_dir)
-    _wait_for(lambda: (run / "checkpoints" / "step-00000010" / "COMPLETE").exists(), proc)
+    wait_for(lambda: (run / "checkpoints" / "step-00000010" / "COMPLETE").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "DONE").exists()
@@ -215,7 +204,7 @@ def test_stop_file_and_signals_requeue(tmp_path, tiny_dict, cache_dir):
     cfg_path = _long_cfg(tiny_dict, tmp_path)
     run = tmp_path / "stopped"
     proc = _start(cfg_path, run, cache_dir)
-    _wait_for(lambda: len(train_rows(run)) >= 3 if (run / "metrics.jsonl").exists() else False, proc)
+    wait_for(lambda: len(train_rows(run)) >= 3 if (run / "metrics.jsonl").exists() else False, proc)
     (run / "STOP").write_text("")
     assert proc.wait(timeout=60) == 0
     assert (run / "REQUEUE").exists() and not (run / "DONE").exists() and not (run / "STOP").exists()
@@ -224,7 +213,7 @@ def test_stop_file_and_signals_requeue(tmp_path, tiny_dict, cache_dir):
 
     # SIGTERM, then a second SIGTERM while it saves: exit 0, a complete loadable checkpoint
     proc = _start(cfg_path, run, cache_dir)
-    _wait_for(lambda: len(train_rows(run)) >= stopped_at + 3, proc)
+    wait_for(lambda: len(train_rows(run)) >= stopped_at + 3, proc)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -235,7 +224,7 @@ def test_stop_file_and_signals_requeue(tmp_path, tiny_dict, cache_dir):
 
     # SIGUSR1 works the same; then resume to the end
     proc = _start(cfg_path, run, cache_dir)
-    _wait_for(lambda: len(train_rows(run)) >= latest + 2, proc)
+    wait_for(lambda: len(train_rows(run)) >= latest + 2, proc)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=60) == 0 and (run / "REQUEUE").exists()
     proc = _start(cfg_path, run, cache_dir)
