@@ -1,7 +1,7 @@
 """lm-eval model adapter over our `Decoder` and the run's tokenizer.
 
 A `TemplateLM` subclass rather than a transformers wrapper: every architecture option only has
-to keep `forward(input_ids, cache=None) -> (logits, cache)` working for evaluation to work.
+to keep `forward(input_ids, cache=None)` returning logits (and the cache) for evaluation to work.
 
 - loglikelihood: one forward over context + continuation, left-truncated to max_length + 1
   tokens exactly as lm-eval's HFLM does, right-padded batches sorted by length (causal, so the
@@ -121,8 +121,8 @@ class AblateLM(TemplateLM):
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
         with self._autocast():
-            logits, cache = self.model(ids.to(self.device), cache=cache)
-        return logits, cache
+            out = self.model(ids.to(self.device), cache=cache)
+        return out.logits, out.cache
 
     def _agree_any(self, flag: bool) -> bool:
         """True if `flag` is true on any rank (identical on all ranks: keeps loops in lockstep)."""

@@ -1,12 +1,16 @@
-"""Pre-norm residual block: h += m * mixer(norm(h)); h += m * ffn(norm(h))."""
+"""Pre-norm residual block: h += m * mixer(norm(h)); h += m * ffn(norm(h)).
+
+Slot modules return a tensor or (tensor, Aux); the block always returns (h, Aux) with the
+mixer's and the FFN's side outputs merged.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from models.config import ModelConfig
+from models.context import Aux, MixerContext, merge_aux, split_output
 from models.ffn import build_ffn
-from models.mixers.attention import MixerContext
 from models.norms import build_norm
 from models.registry import MEMORIES, MIXERS
 
@@ -27,10 +31,9 @@ class Block(nn.Module):
         # CompleteP sets this to L_base / L; a plain attribute, not a parameter.
         self.residual_multiplier = residual_multiplier
 
-    def forward(self, h: torch.Tensor, ctx: MixerContext, cache=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: MixerContext, cache=None) -> tuple[torch.Tensor, Aux]:
         m = self.residual_multiplier
-        a = self.mixer(self.mixer_norm(h), ctx, cache)
+        a, mixer_aux = split_output(self.mixer(self.mixer_norm(h), ctx, cache))
         h = h + (a if m == 1.0 else m * a)
-        x = self.ffn_norm(h)
-        f = self.ffn(x, ctx) if getattr(self.ffn, "takes_context", False) else self.ffn(x)
-        return h + (f if m == 1.0 else m * f)
+        f, ffn_aux = split_output(self.ffn(self.ffn_norm(h), ctx))
+        return h + (f if m == 1.0 else m * f), merge_aux(mixer_aux, ffn_aux)

@@ -48,7 +48,8 @@ class LayersConfig:
 
 @dataclass
 class StochasticConfig:
-    """`model.ffn.stochastic`: StochA, y = m relu(u) + (1-m) silu(u), m ~ Bernoulli(1-p) (techniques.md s3)."""
+    """`model.ffn.stochastic`: StochA, y = m relu(u) + (1-m) silu(u), m ~ Bernoulli(1-p)
+    ("Stochastic activations", arXiv 2509.22358)."""
 
     p: float = 0.7                 # probability that a draw picks SiLU (p=0: ReLU, p=1: SiLU)
     granularity: Literal["element", "token", "call"] = "element"   # call: one draw per (layer, step)
@@ -133,6 +134,7 @@ class ModelConfig:
     qk_norm: bool = False
     rope_theta: float = 10000.0
     doc_mask: bool = False                 # attention never crosses document boundaries in a window
+    loss_chunk_tokens: int = 2048          # LM-head cross-entropy in chunks of this many tokens (0: one pass)
     layers: LayersConfig = field(default_factory=LayersConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     norm: NormConfig = field(default_factory=NormConfig)
@@ -162,6 +164,8 @@ class ModelConfig:
             require(self.vocab_size >= 2, f"{path}.vocab_size", f"must be >= 2, got {self.vocab_size}")
         require(self.init_std > 0, f"{path}.init_std", f"must be > 0, got {self.init_std}")
         require(self.rope_theta > 0, f"{path}.rope_theta", f"must be > 0, got {self.rope_theta}")
+        require(self.loss_chunk_tokens >= 0, f"{path}.loss_chunk_tokens",
+                f"must be >= 0 (0: no chunking), got {self.loss_chunk_tokens}")
 
         layers = f"{path}.layers"
         self.layers.resolve_mixers(layers)

@@ -1,23 +1,29 @@
-"""The decoder: token embedding -> blocks -> final norm -> LM head.
+"""The decoder: token embedding -> blocks -> final norm -> LM head (and, with labels, the loss).
 
-Single-device model code; parallelism is applied from outside (train/parallel).
-Decoding API: `forward(input_ids, cache=None, doc_ids=None, sample_index=None) -> (logits, cache)`. Pass
-`cache=model.new_cache()` to decode incrementally; the same object comes back updated.
+Single-device model code; parallelism (activation checkpointing, compile, FSDP2) is applied
+from outside (train/parallel). `forward` returns a `ModelOutput` (models/context.py):
+
+- training: `model(ids, labels=labels, z_loss=...)` -> `losses["ce"]` (summed over target
+  tokens, computed in sequence chunks so no full fp32 logits tensor is ever alive), `losses["z"]`,
+  and every loss term the blocks returned; no logits unless `return_logits=True`.
+- evaluation / decoding: `model(ids)` -> `logits`; pass `cache=model.new_cache()` to decode
+  incrementally (the same object comes back, updated, as `out.cache`).
 """
 from __future__ import annotations
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from models.block import Block
 from models.config import ModelConfig
-from models.mixers.attention import MixerContext
+from models.context import LossTerm, MixerContext, ModelOutput, add_losses
+from models.loss import head_loss
 from models.norms import build_norm
 from models.parameterization import build_parameterization
 from models.registry import ConfigError
 from models.rope import RotaryEmbedding
-from models.tags import EMBEDDING, OUTPUT_HEAD, param_tags, tag_linear
+from models.tags import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, OUTPUT_HEAD,
+                         param_specs, retag, tag_linear)
 
 
 class DecodeCache:
@@ -36,62 +42,88 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.param = build_parameterization(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.embed.param_tags = {"weight": EMBEDDING}
+        self.embed.param_tags = {"weight": EMBEDDING.name}
         self.blocks = nn.ModuleList(
             Block(cfg, i, self.param.residual_multiplier) for i in range(cfg.n_layers))
-        self.final_norm = build_norm(cfg.norm.final, cfg.d_model, cfg.norm.eps)
+        # the final norm has its own tags: parameterizations treat it unlike the block norms
+        self.final_norm = retag(build_norm(cfg.norm.final, cfg.d_model, cfg.norm.eps),
+                                {NORM_GAIN.name: FINAL_NORM_GAIN, NORM_BIAS.name: FINAL_NORM_BIAS})
         self.head = None
         if not cfg.tie_embeddings:
             self.head = tag_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False), weight=OUTPUT_HEAD)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        # Blocks whose activations are recomputed in backward (set by the parallel backend).
-        self.checkpoint_blocks: set[int] = set()
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Init every parameter from its tag through the parameterization's rules.
+        """Init every parameter as its TagSpec says.
 
-        Matrices: normal(0, std(tag)). Vectors and scalars: the owning module's own
-        `reset_parameters` for our modules (norm gains -> 1, ...), zeros for stock biases.
+        `normal`: N(0, std) with the parameterization's std for the spec (residual output
+        projections may be scaled down); `zeros` / `ones`: filled; `module`: the owning module's
+        own `reset_parameters()` (a stock nn.LayerNorm or depthwise conv keeps its init), run
+        before the other rules so those still apply to the module's other parameters.
         """
-        tags = param_tags(self)
+        specs = param_specs(self)        # also fails on an untagged parameter or unknown tag
         for name, module in self.named_modules():
-            own = type(module).__module__.startswith("models.") and module is not self
-            if own and hasattr(module, "reset_parameters"):
+            own = [(pname, p, specs.get(f"{name}.{pname}" if name else pname))
+                   for pname, p in module.named_parameters(recurse=False)]
+            own = [(pname, p, spec) for pname, p, spec in own if spec is not None]   # tied: init once
+            if any(spec.init == "module" for _, _, spec in own):
+                if not hasattr(module, "reset_parameters"):
+                    names = [f"{name}.{pname}" for pname, _, spec in own if spec.init == "module"]
+                    raise TypeError(f"{type(module).__name__} ({name}) owns {', '.join(names)} with init: "
+                                    "module but has no reset_parameters()")
                 module.reset_parameters()
-            for pname, p in module.named_parameters(recurse=False):
-                full = f"{name}.{pname}" if name else pname
-                if full not in tags:          # a tied weight, initialised under its first name
-                    continue
-                if p.dim() >= 2:
-                    std = self.param.init_std(tags[full], getattr(module, "is_residual_out", False))
+            for _, p, spec in own:
+                if spec.init == "normal":
+                    std = self.param.init_std(spec, getattr(module, "is_residual_out", False))
                     nn.init.normal_(p, mean=0.0, std=std)
-                elif not own:
+                elif spec.init == "zeros":
                     nn.init.zeros_(p)
+                elif spec.init == "ones":
+                    nn.init.ones_(p)
 
     def new_cache(self) -> DecodeCache:
         return DecodeCache([block.mixer.new_cache() for block in self.blocks])
 
-    def forward(self, input_ids: torch.Tensor, cache: DecodeCache | None = None,
-                doc_ids: torch.Tensor | None = None,
-                sample_index: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeCache | None]:
-        """sample_index: (B,) global sample index of each row (the loader's `indices`); it keys the
-        stochastic-activation masks so they do not depend on ranks or micro-batching. None: every
-        row counts as sample 0 (evaluation, generation), so batching never changes a result."""
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The (V, d) LM head matrix: the untied head's, else the embedding table."""
+        return self.head.weight if self.head is not None else self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
+                cache: DecodeCache | None = None, doc_ids: torch.Tensor | None = None,
+                sample_index: torch.Tensor | None = None, return_logits: bool = False,
+                want_stats: bool = False, z_loss: float = 0.0) -> ModelOutput:
+        """labels: (B, T) next-token targets, -100 where no loss is taken. sample_index: (B,) global
+        sample index of each row (the loader's `indices`); it keys the stochastic-activation masks
+        so they do not depend on ranks or micro-batching. None: every row counts as sample 0
+        (evaluation, generation), so batching never changes a result. z_loss: the coefficient of
+        the z-loss term (PaLM, arXiv 2204.02311), summed over target tokens like the CE."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         h = self.embed(input_ids)
+        if self.param.input_multiplier != 1.0:
+            h = h * self.param.input_multiplier
         rope_dtype = torch.promote_types(h.dtype, torch.float32)   # converted once, not per layer
         cos, sin = (t.to(rope_dtype) for t in self.rope(start, T, input_ids.device))
-        ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids, sample_index=sample_index)
+        ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids, sample_index=sample_index,
+                           token_ids=input_ids, want_stats=want_stats)
+        out = ModelOutput(cache=cache)
         for i, block in enumerate(self.blocks):
-            if i in self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, h, ctx, None, use_reentrant=False)
-            else:
-                h = block(h, ctx, cache.layers[i] if cache is not None else None)
+            h, aux = block(h, ctx, cache.layers[i] if cache is not None else None)
+            add_losses(out.losses, aux.losses)
+            for name, value in aux.stats.items():
+                out.stats.setdefault(name, {})[i] = value.detach()
         h = self.final_norm(h)
-        logits = self.head(h) if self.head is not None else h @ self.embed.weight.t()
+        if self.param.output_multiplier != 1.0:
+            h = h * self.param.output_multiplier
+        if labels is not None:
+            ce, z = head_loss(h, self.head_weight, labels, z_loss=z_loss, chunk_tokens=self.cfg.loss_chunk_tokens)
+            out.losses = {"ce": LossTerm(ce, "sum"), **({"z": LossTerm(z, "sum")} if z_loss > 0 else {}),
+                          **out.losses}
+        if labels is None or return_logits:
+            out.logits = self.head(h) if self.head is not None else h @ self.embed.weight.t()
         if cache is not None:
             cache.pos += T
-        return logits, cache
+        return out

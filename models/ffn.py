@@ -5,15 +5,15 @@
                   first chunk is the gate (fixed convention, as Megatron / PolyCom's `swiglu`, so
                   checkpoints are unambiguous). Variants (Shazeer 2020): glu (sigmoid), bilinear
                   (identity), reglu (relu), geglu (exact erf GELU), swiglu (SiLU), and stochastic
-                  (the StochA mix replaces SiLU in the gate; techniques.md section 3).
+                  (the StochA mix replaces SiLU in the gate: "Stochastic activations", arXiv 2509.22358).
 - `fused_linear`: y = W x with one d x d matrix: the activation-free FFN W2 W1 collapsed
-                  ("FuFFN", Jha & Reagen 2025; techniques.md section 8c), for the LN-free
+                  ("FuFFN": Jha & Reagen, "Entropy-Guided Attention for Private LLMs", arXiv 2501.03489), for the LN-free
                   softmax-only arms. Needs `activation: identity`.
 
 `hidden: auto` widths are parameter-matched (models/widths.py): 4d for an ungated MLP, 8d/3 for
-GLUs, 1.5 x the SwiGLU width for PolyCom activations. Every FFN takes `(x, ctx)`, the block's
-MixerContext, and hands it to activations that use it (stochastic masks need the global sample
-index and positions); `takes_context = False` FFNs (e.g. memory layers) are called with x alone.
+GLUs, 1.5 x the SwiGLU width for PolyCom activations. Every FFN (and memory layer) is called as
+`(x, ctx)` with the block's MixerContext and hands it to activations that use it (stochastic
+masks need the global sample index and positions).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from models.tags import tag_linear
 from models.widths import glu_width, mlp_width
 
 if TYPE_CHECKING:
-    from models.mixers.attention import MixerContext
+    from models.context import MixerContext
 
 # GLU variant -> the activation applied to the gate (Shazeer 2020; `stochastic`: StochA's gate).
 GLU_GATES = {"glu": "sigmoid", "bilinear": "identity", "reglu": "relu", "geglu": "gelu", "swiglu": "silu",
@@ -39,7 +39,6 @@ GLU_GATES = {"glu": "sigmoid", "bilinear": "identity", "reglu": "relu", "geglu":
 @FFNS.register("mlp")
 class MLP(nn.Module):
     param_tags: dict[str, str] = {}
-    takes_context = True
     relu_finetune_activations = frozenset({"silu", "stochastic"})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -74,7 +73,6 @@ class MLP(nn.Module):
 @FFNS.register("glu")
 class GLU(nn.Module):
     param_tags: dict[str, str] = {}
-    takes_context = True
     relu_finetune_activations = frozenset({"swiglu", "stochastic"})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -109,7 +107,6 @@ class FusedLinearFFN(nn.Module):
     """FuFFN: y = W x, W = W2 W1 of an activation-free MLP, stored as one d x d matrix."""
 
     param_tags: dict[str, str] = {}
-    takes_context = False
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Parameter counts and FLOPs per token (CONTRACT.md, "MFU").
+"""Parameter counts and FLOPs per token (the FLOP count behind MFU; 6N per token as in Kaplan et al., arXiv 2001.08361).
 
 FLOPs/token = 6 x (parameters in matmuls: non-embedding, LM head included even when tied)
             + each mixer's own term (attention: 6 x seq_len x d_model per causal layer).
@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from models.registry import MIXERS
-from models.tags import EMBEDDING, HIDDEN_MATRIX, OUTPUT_HEAD, param_tags
-
-MATMUL_TAGS = {HIDDEN_MATRIX, OUTPUT_HEAD}
+from models.tags import EMBEDDING, MEMORY_VALUE, param_specs
 
 
 @dataclass
@@ -20,24 +18,26 @@ class ParamCounts:
     total: int
     embedding: int
     non_embedding: int
-    matmul: int            # parameters used in matmuls (the head counted even when tied)
+    matmul: int            # parameters whose spec says matmul (the head counted even when tied)
     memory_values: int
     by_tag: dict[str, int]
 
 
 def count_params(model: nn.Module) -> ParamCounts:
-    tags = param_tags(model)
+    specs = param_specs(model)
     params = dict(model.named_parameters())
     by_tag: dict[str, int] = {}
-    for name, tag in tags.items():
-        by_tag[tag] = by_tag.get(tag, 0) + params[name].numel()
+    matmul = 0
+    for name, spec in specs.items():
+        n = params[name].numel()
+        by_tag[spec.name] = by_tag.get(spec.name, 0) + n
+        matmul += n if spec.matmul else 0
     total = sum(by_tag.values())
-    embedding = by_tag.get(EMBEDDING, 0)
-    matmul = sum(n for t, n in by_tag.items() if t in MATMUL_TAGS)
+    embedding = by_tag.get(EMBEDDING.name, 0)
     cfg = model.cfg
     if cfg.tie_embeddings:
         matmul += cfg.vocab_size * cfg.d_model     # the tied head still does a V x d matmul
-    memory_values = by_tag.get("memory_value", 0)
+    memory_values = by_tag.get(MEMORY_VALUE.name, 0)
     return ParamCounts(total, embedding, total - embedding, matmul, memory_values, by_tag)
 
 

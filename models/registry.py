@@ -9,6 +9,9 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
+from models import protocols
+from models.protocols import check_protocol
+
 
 class ConfigError(ValueError):
     """A bad config value. `key` is the full dotted path of the culprit; the CLI exits 2."""
@@ -26,10 +29,14 @@ def suggest(name: str, choices: list[str]) -> str:
 
 
 class Registry:
-    """Maps a name to a builder (usually a class) and, optionally, its config dataclass."""
+    """Maps a name to a builder (usually a class) and, optionally, its config dataclass.
 
-    def __init__(self, slot: str):
+    With a `protocol` (models/protocols.py), a builder that lacks one of its members is refused
+    at registration, naming the missing members."""
+
+    def __init__(self, slot: str, protocol: type | None = None):
         self.slot = slot
+        self.protocol = protocol
         self._items: dict[str, Any] = {}
         self._configs: dict[str, type | None] = {}
 
@@ -37,6 +44,8 @@ class Registry:
         def deco(obj: Any) -> Any:
             if name in self._items:
                 raise KeyError(f"{self.slot} '{name}' registered twice")
+            if self.protocol is not None:
+                check_protocol(obj, self.protocol, f"{self.slot} '{name}' ({getattr(obj, '__name__', obj)!s})")
             self._items[name] = obj
             self._configs[name] = config
             return obj
@@ -66,9 +75,9 @@ class Registry:
         return name in self._items
 
 
-MIXERS = Registry("mixer")
-FFNS = Registry("ffn kind")
-ACTIVATIONS = Registry("activation")
-NORMS = Registry("norm")
-PARAMETERIZATIONS = Registry("parameterization")
-MEMORIES = Registry("memory layer")
+MIXERS = Registry("mixer", protocols.Mixer)
+FFNS = Registry("ffn kind", protocols.FFN)
+ACTIVATIONS = Registry("activation", protocols.ActivationFactory)
+NORMS = Registry("norm", protocols.Norm)
+PARAMETERIZATIONS = Registry("parameterization", protocols.Parameterization)
+MEMORIES = Registry("memory layer", protocols.MemoryLayer)

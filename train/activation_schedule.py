@@ -1,4 +1,4 @@
-"""The ReLU fine-tune schedule (StochA+FT / Swi+FT; techniques.md section 3), stateless.
+"""The ReLU fine-tune schedule (StochA+FT / Swi+FT; "Stochastic activations", arXiv 2509.22358), stateless.
 
 With alpha = `model.ffn.relu_finetune_frac` > 0 and S = `train.steps`, the FFN activation is
 switched to ReLU for every 0-based step s >= floor((1 - alpha) * S): the last ceil(alpha * S)

@@ -16,9 +16,9 @@ from torch import nn
 import models
 from models.ffn import GLU, MLP
 from models.flops import count_params, flops_per_token
-from train.config import Config
+from train.config import Config, resolve_config
 from train.optim import build_optimizer
-from train.trainer import autocast, lm_loss, memory_gb, peak_flops, resolve_device
+from train.trainer import autocast, memory_gb, peak_flops, resolve_device
 
 
 # ----------------------------------------------------------------------------- reference model
@@ -79,7 +79,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+def _time_steps(loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
                 params: list[torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]],
                 steps: int, warmup: int, device: torch.device, grad_clip: float) -> dict[str, float]:
     """Seconds per step and the share of forward / backward / optimizer (timed with syncs)."""
@@ -90,9 +90,7 @@ def _time_steps(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torc
         for x, y in batches:
             a = time.perf_counter()
             with autocast(device):
-                logits = forward(x)
-            ce, _ = lm_loss(logits, y)
-            loss = ce / n_tok
+                loss = loss_sum(x, y) / n_tok
             _sync(device)
             b = time.perf_counter()
             loss.backward()
@@ -112,7 +110,7 @@ def _time_steps(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torc
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = False) -> str:
     device = resolve_device(cfg.device)
-    cfg.model.vocab_size = cfg.resolved_vocab_size()
+    resolve_config(cfg)
     torch.manual_seed(cfg.seed)
     accum = cfg.train.global_batch // cfg.train.micro_batch
     T, B = cfg.data.seq_len, cfg.train.micro_batch
@@ -127,8 +125,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
     opt = build_optimizer(model, cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ours = _time_steps(lambda x: model(x)[0], opt, list(model.parameters()), batches, steps, warmup, device,
-                       cfg.optim.grad_clip)
+    ours = _time_steps(lambda x, y: model(x, labels=y).losses["ce"].value, opt, list(model.parameters()),
+                       batches, steps, warmup, device, cfg.optim.grad_clip)
     mem = memory_gb(device)
     fpt = flops_per_token(model, T)
     peak = peak_flops(cfg, device)
@@ -151,7 +149,11 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
         ref = ReferenceDecoder(cfg).to(device)
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                     eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        r = _time_steps(ref, ref_opt, list(ref.parameters()), batches, steps, warmup, device, cfg.optim.grad_clip)
+        def ref_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits = ref(x).float()
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+
+        r = _time_steps(ref_loss, ref_opt, list(ref.parameters()), batches, steps, warmup, device, cfg.optim.grad_clip)
         rtps = tokens / r["step_s"]
         lines.append(f"reference: {r['step_s'] * 1e3:9.1f} ms/step  {rtps:12,.0f} tokens/s  "
                      f"forward {r['forward']:.0%} backward {r['backward']:.0%} optimizer {r['optimizer']:.0%}")
@@ -159,3 +161,39 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
         if any(m.kind != "attention" for m in cfg.model.layers.mixers.values()):
             lines.append("note: the reference is an attention-only decoder of the same width and depth")
     return "\n".join(lines)
+
+
+def loss_memory(cfg: Config) -> str:
+    """Peak tensor memory of one micro-batch's forward + backward with the LM-head loss in
+    chunks (`model.loss_chunk_tokens`) and in one pass, and their ratio (`ablate bench
+    --loss-memory`). The saving grows with the vocabulary: try model.vocab_size=50304."""
+    from train.memory import peak_memory_bytes
+
+    device = resolve_device(cfg.device)
+    resolve_config(cfg)
+    T, B, V = cfg.data.seq_len, cfg.train.micro_batch, cfg.model.vocab_size
+    w = torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = w[:, :-1].to(device), w[:, 1:].to(device)
+    chunk = cfg.model.loss_chunk_tokens
+    torch.manual_seed(cfg.seed)
+    model = models.Decoder(cfg.model).to(device)
+    peaks = {}
+    for label, tokens in (("chunked", chunk), ("one pass", 0)):
+        model.cfg.loss_chunk_tokens = tokens
+
+        def step() -> None:
+            with autocast(device):
+                loss = model(x, labels=y).losses["ce"].value / y.numel()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        peaks[label] = peak_memory_bytes(step, device)
+    model.cfg.loss_chunk_tokens = chunk
+    logits_gb = B * T * V * 4 / 2**30
+    return "\n".join([
+        f"loss memory: d={cfg.model.d_model} L={cfg.model.n_layers} vocab={V}, one micro-batch {B} x {T} tokens "
+        f"(fp32 logits of it: {logits_gb:.2f} GiB), forward + backward, device {device}",
+        f"  chunked ({chunk} tokens): peak {peaks['chunked'] / 2**30:7.2f} GiB",
+        f"  one pass:              peak {peaks['one pass'] / 2**30:7.2f} GiB",
+        f"  ratio (chunked / one pass): {peaks['chunked'] / peaks['one pass']:.3f}",
+    ])

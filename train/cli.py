@@ -20,7 +20,7 @@ def _load(args: argparse.Namespace):
 
 
 def _default_run_dir(config_path: str) -> Path:
-    """CONTRACT.md: runs/<config file stem>, so re-running a command resumes its run."""
+    """runs/<config file stem>, so re-running a command resumes its run."""
     return Path("runs") / Path(config_path).stem
 
 
@@ -113,7 +113,10 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from train.bench import run_bench
+    from train.bench import loss_memory, run_bench
+    if args.loss_memory:
+        print(loss_memory(_load(args)))
+        return 0
     print(run_bench(_load(args), steps=args.steps, warmup=args.warmup, reference=args.reference))
     return 0
 
@@ -187,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--reference", action="store_true", help="also time a plain-PyTorch decoder of the same shape")
+    b.add_argument("--loss-memory", action="store_true",
+                   help="peak memory of forward+backward with the LM-head loss chunked and in one pass")
     b.set_defaults(fn=cmd_bench)
 
     from eval.cli import add_eval_parser

@@ -188,8 +188,8 @@ class ParallelConfig:
     backend: Literal["none", "ddp", "fsdp2", "deepspeed"] = "none"
     zero_stage: int = 1                # deepspeed: ZeRO stage 1, 2 or 3
     reshard_after_forward: bool = True
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    ac_every: int = 2                  # selective: checkpoint every k-th block (0, k, 2k, ...)
+    activation_checkpointing: str = "none"   # none | full | every_k (checkpoint blocks 0, k, 2k, ...)
+    ac_every: int = 2                  # every_k: k
     compile: bool = False              # torch.compile each block
     param_dtype: Literal["auto", "bf16", "fp32"] = "auto"   # fsdp2 compute dtype; auto: bf16 on CUDA, fp32 on CPU
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"          # fsdp2 gradient reduction dtype
@@ -198,6 +198,12 @@ class ParallelConfig:
     timeout_s: float = 600.0           # collective timeout: a dead rank ends the others after this
 
     def validate(self, path: str) -> None:
+        key = f"{path}.activation_checkpointing"
+        require(self.activation_checkpointing != "selective", key,
+                "'selective' was renamed: it meant every k-th block, which is now 'every_k' (with "
+                f"{path}.ac_every = k); torchtitan's op-level selective checkpointing is not implemented")
+        require(self.activation_checkpointing in ("none", "full", "every_k"), key,
+                f"must be one of none, full, every_k, got {self.activation_checkpointing!r}")
         require(self.ac_every >= 1, f"{path}.ac_every", f"must be >= 1, got {self.ac_every}")
         require(self.replicate >= 1, f"{path}.replicate", f"must be >= 1, got {self.replicate}")
         require(self.timeout_s > 0, f"{path}.timeout_s", f"must be > 0, got {self.timeout_s}")
@@ -255,9 +261,6 @@ class Config:
     def validate(self, path: str = "") -> None:
         require(not (self.init_from and self.branch_from), "branch_from",
                 "set init_from (weights only) or branch_from (full state), not both")
-        ffn = self.model.ffn
-        if ffn.activation == "stochastic" and ffn.stochastic.seed is None:
-            ffn.stochastic.seed = self.seed      # stochastic-activation masks follow the run's seed
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.model.vocab_size is not None and self.tokenizer.kind == "bpe" and self.data.source != "pretokenized":
@@ -282,7 +285,29 @@ RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.decay_frac", "optim.schedul
                       "optim.schedule.min_lr_ratio", "checkpoint.", "eval.", "log.", "parallel.",
                       "launch.", "train.log_every", "train.val_every", "train.val_batches",
                       "train.progress", "train.peak_tflops", "train.spike_", "data.cache_dir", "data.num_proc", "name",
-                      "code_version")
+                      "code_version", "derived")
+
+# Top-level keys of a run's config.yaml that are records, not config: popped when it is loaded.
+RECORD_KEYS = ("code_version", "derived")
+
+
+def resolve_config(cfg: Config, tokenizer_vocab: int | None = None) -> dict[str, str]:
+    """Set the values derived after validation, in one place; returns {key: where it came from}
+    for the `derived:` record in config.yaml. Keys already set explicitly are left alone.
+
+    - model.vocab_size: null -> the tokenizer's vocabulary rounded up to 64 ("tokenizer")
+    - model.ffn.stochastic.seed: null -> the run's top-level seed ("seed"), when the FFN uses
+      stochastic activations (their masks then follow the run's seed)
+    """
+    derived: dict[str, str] = {}
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = cfg.resolved_vocab_size(tokenizer_vocab)
+        derived["model.vocab_size"] = "tokenizer"
+    ffn = cfg.model.ffn
+    if ffn.activation == "stochastic" and ffn.stochastic.seed is None:
+        ffn.stochastic.seed = cfg.seed
+        derived["model.ffn.stochastic.seed"] = "seed"
+    return derived
 
 
 # ----------------------------------------------------------------------------- loading
@@ -370,7 +395,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load, merge bases, apply overrides, build and validate. Raises ConfigError."""
     data = apply_overrides(load_raw(path), overrides or [])
-    data.pop("code_version", None)
+    for key in RECORD_KEYS:
+        data.pop(key, None)
     cfg = config_from_dict(data)
     if cfg.name is None:
         cfg.name = Path(path).stem

@@ -8,7 +8,7 @@ import torch
 import models
 from models.registry import ConfigError
 from train import checkpoint as ckpt
-from train.config import Config, config_from_dict
+from train.config import RECORD_KEYS, Config, config_from_dict
 from train.rundir import RunDir
 
 
@@ -19,17 +19,17 @@ def generate(model: models.Decoder, prompt_ids: torch.Tensor, max_new_tokens: in
     """Continue `prompt_ids` (B, T); returns (B, T + n) ids. Prefill once, then one token per step."""
     model.eval()
     cache = model.new_cache()
-    logits, cache = model(prompt_ids, cache=cache)
-    out = prompt_ids
+    logits = model(prompt_ids, cache=cache).logits
+    ids = prompt_ids
     for _ in range(max_new_tokens):
         nxt = _sample(logits[:, -1].float(), temperature, top_k, generator)
-        out = torch.cat([out, nxt], dim=1)
+        ids = torch.cat([ids, nxt], dim=1)
         if eos_id is not None and bool((nxt == eos_id).all()):
             break
         if cache.pos >= model.cfg.max_seq_len:
             break
-        logits, cache = model(nxt, cache=cache)
-    return out
+        logits = model(nxt, cache=cache).logits
+    return ids
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -49,7 +49,8 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not run.exists():
         raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory (no config.yaml)")
     data = run.read_config()
-    data.pop("code_version", None)
+    for key in RECORD_KEYS:
+        data.pop(key, None)
     return config_from_dict(data)
 
 

@@ -1,9 +1,9 @@
 """Optimizer construction: parameter groups from tags, AdamW or Muon, and the lr setter.
 
-Groups are built only from `models.tags.param_tags(model)` and the model's parameterization
-(`group_rule(tag) -> GroupRule(lr_mult, wd_mult, eps_mult)`), never from parameter names, so a
-new technique lands in the right group by tagging its parameters, and muP / CompleteP change
-per-group lr / weight decay / eps in one place.
+Groups are built only from each parameter's TagSpec (`models.tags.param_specs(model)`) and the
+model's parameterization (`group_rule(spec) -> GroupRule(lr_mult, wd_mult, eps_mult, lr)`),
+never from parameter or tag names, so a new technique lands in the right group by registering
+and using its tags, and muP / CompleteP change per-group lr / weight decay / eps in one place.
 
 Group keys: torch's `params`, `lr`, `weight_decay`, `eps`, plus metadata that torch carries
 through state_dict untouched: `name` (the tag, "/muon" appended for Muon groups), `tag`,
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.tags import HIDDEN_MATRIX, param_tags
+from models.tags import TagSpec, param_specs, tag_spec
 from train.config import Config
 from train.muon import Muon
 
@@ -39,36 +39,40 @@ def muon_weight_decay(cfg: Config) -> float:
     return cfg.optim.weight_decay if wd is None else wd
 
 
-def _uses_muon(cfg: Config, tag: str, p: torch.Tensor) -> bool:
-    """Muon takes hidden 2-D matrices only; everything else (and everything under adamw) is AdamW."""
-    return cfg.optim.name == "muon" and tag == HIDDEN_MATRIX and p.ndim == 2
+def _uses_muon(cfg: Config, spec: TagSpec, p: torch.Tensor) -> bool:
+    """Muon takes 2-D matrices whose spec allows it (hidden matrices); everything else (and
+    everything under adamw) is AdamW."""
+    return cfg.optim.name == "muon" and spec.muon_ok and p.ndim == 2
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """One group per (tag, uses Muon), in order of first appearance; frozen params are left out.
 
-    AdamW groups: lr = optim.lr * lr_mult, weight_decay = optim.weight_decay * wd_mult.
+    AdamW groups: lr = optim.lr * lr_mult (or the rule's absolute lr), weight_decay =
+    optim.weight_decay * wd_mult.
     Muon groups:  lr = optim.muon.lr, weight_decay = muon_weight_decay(cfg) * wd_mult. The tag's
     lr_mult is not applied: it is an Adam-side width/depth correction, while Muon's
     max(1, rows/cols)^0.5 scaling already sets a per-shape step size.
     Every group: eps = optim.eps * eps_mult (only AdamW groups use it).
     """
-    tags = param_tags(model)
+    specs = param_specs(model)
     named = dict(model.named_parameters(remove_duplicate=False))
     rule_of = _parameterization(model).group_rule
     groups: dict[tuple[str, bool], dict[str, Any]] = {}
-    for name, tag in tags.items():
+    for name, spec in specs.items():
         p = named[name]
         if not p.requires_grad:
             continue
-        use_muon = _uses_muon(cfg, tag, p)
+        use_muon = _uses_muon(cfg, spec, p)
+        tag = spec.name
         key = (tag, use_muon)
         if key not in groups:
-            rule = rule_of(tag)
+            rule = rule_of(spec)
             if use_muon:
                 lr, wd = cfg.optim.muon.lr, muon_weight_decay(cfg) * rule.wd_mult
             else:
-                lr, wd = cfg.optim.lr * rule.lr_mult, cfg.optim.weight_decay * rule.wd_mult
+                lr = rule.lr if rule.lr is not None else cfg.optim.lr * rule.lr_mult
+                wd = cfg.optim.weight_decay * rule.wd_mult
             groups[key] = {"params": [], "lr": lr, "weight_decay": wd, "eps": cfg.optim.eps * rule.eps_mult,
                            "name": f"{tag}/muon" if use_muon else tag, "tag": tag, "base_lr": lr,
                            "use_muon": use_muon}
@@ -106,6 +110,7 @@ def group_table(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     param = _parameterization(model)
     rows = []
     for g in param_groups(model, cfg):
+        spec = tag_spec(g["tag"])
         has_matrix = any(p.ndim >= 2 for p in g["params"])
         rows.append({
             "name": g["name"],
@@ -114,7 +119,7 @@ def group_table(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
             "lr": g["lr"],
             "weight_decay": g["weight_decay"],
             "eps": g["eps"],
-            "init_std": param.init_std(g["tag"]) if has_matrix else None,
+            "init_std": param.init_std(spec) if (has_matrix and spec.init == "normal") else None,
             "optimizer": "muon" if g["use_muon"] else "adamw",
         })
     return rows

@@ -116,7 +116,7 @@ class Backend:
         pcfg = self.cfg.parallel
         if pcfg.activation_checkpointing != "none":
             every = 1 if pcfg.activation_checkpointing == "full" else pcfg.ac_every
-            model.checkpoint_blocks = {i for i in range(len(model.blocks)) if i % every == 0}
+            apply_activation_checkpointing(model, every)
         if pcfg.compile:
             for block in model.blocks:
                 block.compile()
@@ -188,6 +188,15 @@ class Backend:
 
     def close(self) -> None:
         """Release backend state before the process group goes down."""
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
+    """Wrap blocks 0, every, 2 every, ... in torch's checkpoint_wrapper (non-reentrant): their
+    activations are recomputed in backward. Parameter names gain a wrapper prefix that DCP
+    checkpoints strip, so checkpoints keep the plain model's keys."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for i in range(0, len(model.blocks), every):
+        model.blocks[i] = checkpoint_wrapper(model.blocks[i])
 
 
 class DDPBackend(Backend):

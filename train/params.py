@@ -7,7 +7,7 @@ import torch
 
 import models
 from models.flops import count_params, flops_per_token
-from train.config import Config
+from train.config import Config, resolve_config
 from train.optim import group_table
 
 
@@ -19,7 +19,7 @@ def _fmt(n: float) -> str:
 
 
 def params_report(cfg: Config) -> str:
-    cfg.model.vocab_size = cfg.resolved_vocab_size()
+    resolve_config(cfg)
     with torch.device("meta"):
         model = models.Decoder(cfg.model)
     counts = count_params(model)
@@ -78,7 +78,7 @@ def arm_counts(paths: list[str | Path]) -> list[dict]:
     rows = []
     for path in paths:
         cfg = load_config(path)
-        cfg.model.vocab_size = cfg.resolved_vocab_size()
+        resolve_config(cfg)
         with torch.device("meta"):
             model = models.Decoder(cfg.model)
         counts = count_params(model)

@@ -1,4 +1,4 @@
-"""The run directory: the contract between train, eval, compare and launch (CONTRACT.md).
+"""The run directory: the contract between train, eval, compare and launch (README: "Where results go").
 
 Everything a later command needs is a file here: the resolved config, metrics rows, complete
 checkpoints and the state markers STOP / REQUEUE / DONE / FAILED.

@@ -1,7 +1,7 @@
 """FFN activation sparsity: the fraction of exact zeros in each layer's FFN hidden activation.
 
 Measured on the activation's output, act(x W1) for an MLP and the gate's act(x W_gate) for a
-GLU (techniques.md section 3: "sparsity is measured on act(xW)"), with forward hooks, under
+GLU (as "Stochastic activations", arXiv 2509.22358, measures it: on act(xW)), with forward hooks, under
 no_grad, in eval mode, so it is the deployment model's sparsity: ReLU after the fine-tune
 switch, `model.ffn.stochastic.eval_mode` for StochA before it. Layers without an activation
 (fused_linear, memory layers) report None.

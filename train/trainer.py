@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import models
+from models.context import LossTerm
 from models.flops import flops_per_token
+from models.loss import IGNORE_INDEX
 from models.registry import ConfigError
 from train import checkpoint as ckpt
-from train.config import Config, config_drift, dump_config
+from train.config import Config, config_drift, dump_config, resolve_config
 from train.activation_schedule import apply_activation_schedule
 from train.optim import build_optimizer, set_lr
 from train.parallel import (DistInfo, check_same_config, init_distributed, make_backend, shutdown_distributed,
@@ -37,7 +38,6 @@ from train.rundir import RunDir, code_version
 from train.schedule import lr_factor
 from train.sparsity import ffn_sparsity_row
 
-IGNORE_INDEX = -100
 # Nominal dense bf16 peak, TFLOP/s, by a substring of the CUDA device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
@@ -96,16 +96,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed (not averaged) cross-entropy over target tokens, plus the summed z-loss term."""
-    logits = logits.float().flatten(0, 1)
-    labels = labels.flatten()
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    if z_loss > 0:
-        valid = labels != IGNORE_INDEX
-        z = (torch.logsumexp(logits[valid], dim=-1) ** 2).sum() * z_loss
-        return ce, z
-    return ce, torch.zeros((), device=logits.device)
+def objective_terms(losses: dict[str, LossTerm], n_targets: float, n_micro: float) -> dict[str, torch.Tensor]:
+    """Each loss term's share of the step objective for one micro-batch on one rank.
+
+    `sum` terms (CE, z-loss) are divided by the target tokens of the whole step, `mean` terms by
+    the number of micro-batches in the step across all ranks (accumulation x data-parallel
+    ranks); summed over micro-batches and ranks this is the whole step's mean objective."""
+    return {name: t.value / (n_targets if t.reduction == "sum" else n_micro) for name, t in losses.items()}
 
 
 def _test_nan_steps() -> set[int]:
@@ -182,9 +179,15 @@ def prepare_run_dir(cfg: Config, run: RunDir, resume: bool) -> dict[str, Any] | 
         return None
     saved = run.read_config()
     saved.pop("code_version", None)
+    derived = saved.get("derived") or {"model.vocab_size": "tokenizer"}   # older runs: no record
     current = cfg.to_dict()
-    if current["model"]["vocab_size"] is None:
-        current["model"]["vocab_size"] = saved.get("model", {}).get("vocab_size")
+    for key in derived:          # still null here: resolve_config derives them the same way later
+        *parents, leaf = key.split(".")
+        mine, theirs = current, saved
+        for part in parents:
+            mine, theirs = mine.get(part, {}), theirs.get(part, {})
+        if mine.get(leaf) is None:
+            mine[leaf] = theirs.get(leaf)
     drift = config_drift(saved, current)
     if drift:
         raise ConfigError("", f"the config differs from the one saved in {run.config_path} in keys that "
@@ -229,17 +232,17 @@ def _train(cfg: Config, run: RunDir, resume: bool, info: DistInfo) -> TrainResul
         raise ConfigError("train.global_batch", f"global_batch={cfg.train.global_batch} is not a multiple of "
                           f"micro_batch x data-parallel ranks = {cfg.train.micro_batch} x {dp}")
     accum = cfg.train.global_batch // (cfg.train.micro_batch * dp)
-    prepare_run_dir(cfg, run, resume)
+    saved = prepare_run_dir(cfg, run, resume)
 
     data = data_mod.prepare_data(cfg, progress=cfg.train.progress and main)
-    cfg.model.vocab_size = cfg.resolved_vocab_size(data.vocab_size)
+    derived = {**((saved or {}).get("derived") or {}), **resolve_config(cfg, data.vocab_size)}
     if cfg.model.vocab_size < data.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                                               f"vocabulary ({data.vocab_size})")
     check_same_config(info, cfg.to_dict())
     logger = MetricLogger(cfg, run) if main else None     # fails early on a missing tensorboard / wandb
     try:
-        return _loop(cfg, run, info, backend, data, data_mod, device, accum, stop, logger)
+        return _loop(cfg, run, info, backend, data, data_mod, device, accum, stop, logger, derived)
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt) and run.path.is_dir() and (main or not run.has("FAILED")):
             run.set_marker("FAILED", f"{type(e).__name__}: {e}")     # any rank: the first cause wins
@@ -252,7 +255,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, info: DistInfo) -> TrainResul
 
 
 def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, device: torch.device, accum: int,
-          stop: StopRequest, logger: "MetricLogger | None") -> TrainResult:
+          stop: StopRequest, logger: "MetricLogger | None", derived: dict[str, str]) -> TrainResult:
     main, dp = info.is_main, info.world_size
     if main:
         ckpt.clean_partial(run.checkpoints)
@@ -287,7 +290,7 @@ def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, dev
     # ---- setup succeeded: only now is the run dir touched
     if main:
         run.path.mkdir(parents=True, exist_ok=True)
-        run.write_config(dump_config(cfg, {"code_version": code_version()}))
+        run.write_config(dump_config(cfg, {"derived": derived, "code_version": code_version()}))
         if data.tokenizer_dir is not None and not run.tokenizer_dir.exists():
             data_mod.copy_tokenizer(data, run.tokenizer_dir)
         run.truncate_metrics(start_step)
@@ -354,21 +357,24 @@ def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, dev
             batches = [loader.next_batch() for _ in range(accum)]
             local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
             n_targets = max(backend.sum(local_targets), 1.0)
-            loss_sum = 0.0
+            terms: dict[str, float] = {}
             for i, b in enumerate(batches):
                 x, y = b["input_ids"].to(device), b["labels"].to(device)
                 doc_ids = b["doc_ids"].to(device) if cfg.model.doc_mask else None
                 with backend.grad_sync(model, sync=i == len(batches) - 1):
                     with backend.autocast():
-                        logits, _ = model(x, doc_ids=doc_ids, sample_index=b["indices"].to(device))
-                    ce, z = lm_loss(logits, y, cfg.train.z_loss)
-                    # averaged gradients across ranks then equal the global sum / target tokens
-                    loss = (ce + z) * backend.grad_scale / n_targets
+                        out = model(x, labels=y, doc_ids=doc_ids, sample_index=b["indices"].to(device),
+                                    z_loss=cfg.train.z_loss)
+                    parts = objective_terms(out.losses, n_targets, accum * dp)
+                    # averaged gradients across ranks then equal the whole step's mean objective
+                    loss = sum(parts.values()) * backend.grad_scale
                     if step + 1 in nan_steps:
                         loss = loss * float("nan")
                     backend.backward(model, loss)
-                loss_sum += float(ce.detach()) / n_targets if step + 1 not in nan_steps else float("nan")
-            loss_sum = backend.sum(loss_sum)
+                for name, value in parts.items():
+                    terms[name] = terms.get(name, 0.0) + float(value.detach())
+            terms = {name: backend.sum(v) for name, v in terms.items()}
+            loss_sum = terms["ce"] if step + 1 not in nan_steps else float("nan")
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = backend.clip_grads(model, clip)     # None: clipped inside the backend's step
             step += 1
@@ -399,7 +405,8 @@ def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, dev
                 tps = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
                 log({"kind": "train", "step": step, "tokens": step * tokens_per_step,
-                     "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                     "loss": loss_sum, **{f"loss_{k}": v for k, v in terms.items() if k != "ce"},
+                     "loss_total": sum(terms.values()), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
                      "mfu": (tps * fpt / peak) if peak else None, "mem_gb": memory_gb(device),
                      "time_s": logger.elapsed() if logger else None, "samples": samples})
             if progress is not None:
@@ -484,9 +491,8 @@ def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
         x, y = b["input_ids"].to(device), b["labels"].to(device)
         doc_ids = b["doc_ids"].to(device) if cfg.model.doc_mask else None
         with (backend.autocast() if backend is not None else autocast(device)):
-            logits, _ = model(x, doc_ids=doc_ids, sample_index=b["indices"].to(device))
-        ce, _ = lm_loss(logits, y)
-        total += float(ce)
+            out = model(x, labels=y, doc_ids=doc_ids, sample_index=b["indices"].to(device))
+        total += float(out.losses["ce"].value)
         count += int((y != IGNORE_INDEX).sum())
     model.train()
     return total / max(count, 1)

@@ -1,4 +1,4 @@
-"""PolyCom activations (Zhuo et al., ICLR 2025; BryceZhuo/PolyCom; techniques.md section 1).
+"""PolyCom activations ("Polynomial Composition Activations", Zhuo et al., ICLR 2025, arXiv 2411.03884).
 
     PolyReLU(u) = w0 relu(u)^3 + w1 relu(u)^2 + w2 relu(u) + b
     PolyNorm(u) = w0 N(u^3)    + w1 N(u^2)    + w2 N(u)    + b,   N(z) = z rsqrt(mean(z^2) + eps)

@@ -1,4 +1,4 @@
-"""The ReLU fine-tune switch (Swi+FT / StochA+FT; techniques.md section 3).
+"""The ReLU fine-tune switch (Swi+FT / StochA+FT; "Stochastic activations", arXiv 2509.22358).
 
 Activations that the schedule may switch carry a plain `relu_finetune` attribute: while it is
 True they compute ReLU, in training and in eval. It is not a buffer and not saved: the

@@ -1,4 +1,4 @@
-"""Stochastic activations, StochA (Lomeli, Douze, ..., Jegou; Meta FAIR 2025; techniques.md section 3).
+"""Stochastic activations, StochA ("Stochastic activations", Lomeli, Douze, ..., Jegou, arXiv 2509.22358).
 
     y = m relu(u) + (1 - m) silu(u),   m ~ Bernoulli(1 - p)        (p: the probability of SiLU)
 

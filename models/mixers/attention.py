@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.context import MixerContext
 from models.norms import RMSNorm
 from models.registry import MIXERS
 from models.rope import apply_rope
@@ -27,18 +28,6 @@ class AttentionConfig:
     def validate(self, path: str) -> None:
         if self.window is not None:
             require(self.window >= 1, f"{path}.window", f"must be >= 1 or null, got {self.window}")
-
-
-@dataclass
-class MixerContext:
-    """What every mixer (and context-taking FFN) may need besides its input: positions, RoPE
-    tables, document ids and the global sample index of each row."""
-
-    start: int                              # absolute position of the first token of x
-    cos: torch.Tensor
-    sin: torch.Tensor
-    doc_ids: torch.Tensor | None = None     # (B, T) document id of every token, for doc masking
-    sample_index: torch.Tensor | None = None  # (B,) global sample index of each row (keys stochastic masks)
 
 
 class KVCache:
@@ -116,7 +105,7 @@ class Attention(nn.Module):
     def flops_per_token(cfg: ModelConfig, mixer_cfg: AttentionConfig, seq_len: int) -> float:
         """Score and value matmuls (fwd+bwd), beyond the projections: 12 d x mean keys per query.
 
-        Full causal attention counts T/2 keys per query (CONTRACT.md: 6 T d); a window w
+        Full causal attention counts T/2 keys per query (6 T d per layer); a window w
         averages w - w^2/(2T) keys.
         """
         w = mixer_cfg.window

@@ -18,7 +18,7 @@ def _inst(kind: str, args: tuple, i: int = 0) -> Instance:
 
 @torch.no_grad()
 def _logp(model, ids: list[int]) -> torch.Tensor:
-    logits, _ = model(torch.tensor([ids]))
+    logits = model(torch.tensor([ids])).logits
     return F.log_softmax(logits[0].float(), dim=-1)
 
 

@@ -45,7 +45,7 @@ def _model(trained_run, overrides: dict):
 
 @torch.no_grad()
 def _logp(model, ids: list[int]) -> torch.Tensor:
-    return F.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
+    return F.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -1,4 +1,4 @@
-"""GLU variants (techniques.md section 2), the fused linear FFN (section 8c), `hidden: auto` widths
+"""GLU variants ("GLU Variants Improve Transformer", arXiv 2002.05202), the fused linear FFN (arXiv 2501.03489), `hidden: auto` widths
 and the `model.ffn` config errors. Float64 closed forms with fixed seeds."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PolyCom (techniques.md section 1): PolyReLU / PolyNorm formulas, init, gradients, fp32 numerics
+"""PolyCom (arXiv 2411.03884): PolyReLU / PolyNorm formulas, init, gradients, fp32 numerics
 under bf16 autocast, tags, and parameter parity with SwiGLU (F_poly = 1.5 F_swiglu).
 
 Numeric checks in float64 with fixed seeds.
@@ -15,7 +15,7 @@ from models.config import model_config
 from models.ffn import GLU, MLP
 from models.flops import count_params
 from models.parameterization import StandardParam
-from models.tags import param_tags
+from models.tags import param_tags, tag_spec
 from models.widths import glu_width, polycom_width
 
 
@@ -152,7 +152,7 @@ def test_coefficients_are_scalars_without_weight_decay():
                                      "ffn": {"kind": "mlp", "activation": "polynorm"}}))
     tags = param_tags(m)
     assert tags["blocks.0.ffn.act.weight"] == "scalar" and tags["blocks.1.ffn.act.bias"] == "scalar"
-    assert StandardParam(m.cfg).group_rule("scalar").wd_mult == 0.0
+    assert StandardParam(m.cfg).group_rule(tag_spec("scalar")).wd_mult == 0.0
     assert sum(p.numel() for n, p in m.named_parameters() if ".act." in n) == 4 * 2   # 4 per layer
 
 

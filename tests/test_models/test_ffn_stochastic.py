@@ -1,4 +1,4 @@
-"""Stochastic activations (techniques.md section 3): exactness at p=0 / p=1, mask statistics,
+"""Stochastic activations ("Stochastic activations", arXiv 2509.22358): exactness at p=0 / p=1, mask statistics,
 mask reuse in backward, the counter-based keys (world-size / micro-batch invariance, layer,
 seed, position), granularities, eval modes and the ReLU fine-tune flag. Float64 throughout."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import models
 from models.activations.stochastic import (MASK32, StochasticActivation, absorb, mix32, silu_mask,
                                            silu_threshold, token_hash)
 from models.config import StochasticConfig, model_config
-from models.mixers.attention import MixerContext
+from models.context import MixerContext
 
 V = 61
 
@@ -163,10 +163,10 @@ def test_decoder_outputs_invariant_to_micro_batch_split():
     m = models.Decoder(cfg).double().train()
     x = torch.randint(0, V, (6, 10), generator=torch.Generator().manual_seed(1))
     idx = torch.arange(120, 126)
-    full, _ = m(x, sample_index=idx)
-    halves = torch.cat([m(x[:3], sample_index=idx[:3])[0], m(x[3:], sample_index=idx[3:])[0]])
+    full = m(x, sample_index=idx).logits
+    halves = torch.cat([m(x[:3], sample_index=idx[:3]).logits, m(x[3:], sample_index=idx[3:]).logits])
     torch.testing.assert_close(halves, full, rtol=0, atol=1e-12)
-    other, _ = m(x, sample_index=idx + 6)            # other samples (same tokens) -> other masks
+    other = m(x, sample_index=idx + 6).logits          # other samples (same tokens) -> other masks
     assert (other - full).abs().max() > 1e-6
 
 
@@ -244,11 +244,11 @@ def test_kv_cache_decode_matches_full_forward_in_stochastic_eval_mode():
                                 "stochastic": {"p": 0.5, "eval_mode": "stochastic"}}})
     m = models.Decoder(cfg).double().eval()
     x = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(2))
-    full, _ = m(x)
+    full = m(x).logits
     cache = m.new_cache()
-    outs = [m(x[:, :4], cache=cache)[0]]
+    outs = [m(x[:, :4], cache=cache).logits]
     for t in range(4, 9):
-        outs.append(m(x[:, t:t + 1], cache=cache)[0])
+        outs.append(m(x[:, t:t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-10)
 
 

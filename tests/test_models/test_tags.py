@@ -1,11 +1,10 @@
-"""Every parameter of every buildable decoder carries a tag; untagged parameters fail loudly.
+"""Every parameter of every buildable decoder carries a registered tag; untagged parameters and
+unregistered tags fail loudly, naming the module and the parameter.
 
-The combinations come from the registries, so techniques registered later are covered
-automatically.
+The factors come from the registries, so techniques registered later are covered automatically;
+one factor at a time plus a few pairs keeps the count linear in the registries, not a product.
 """
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ import models
 from models import registry
 from models.config import model_config
 from models.registry import ConfigError
-from models.tags import param_tags
+from models.tags import TagSpec, param_tags, register_tag, tag_spec
+
+from test_models.doubles import registered
 
 BASE = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 67, "max_seq_len": 32}
 
@@ -59,39 +60,60 @@ def _check_all_tagged(model: nn.Module, label: str) -> dict[str, str]:
     return tags
 
 
-@pytest.mark.parametrize("mixer", registry.MIXERS.names())
-def test_every_combination_is_tagged(mixer):
-    """mixer x (ffn kind, activation) x block norm x final norm x tying x qk_norm, all tagged."""
-    norms = registry.NORMS.names()
-    built = 0
-    for (kind, act), block_norm, final_norm, tied in itertools.product(
-            ffn_variants(), norms, norms, (True, False)):
-        data = dict(BASE, tie_embeddings=tied, qk_norm=(built % 2 == 0),
-                    layers={"pattern": "M", "mixers": {"M": {"kind": mixer}}},
-                    ffn={"kind": kind, "activation": act, "bias": (built % 3 == 0)},
-                    norm={"block": block_norm, "final": final_norm})
-        label = f"mixer={mixer} ffn={kind}/{act} norm={block_norm}/{final_norm} tied={tied}"
-        model = models.Decoder(model_config(data))
-        tags = _check_all_tagged(model, label)
-        assert tags["embed.weight"] == "embedding", label
-        if not tied:
-            assert tags["head.weight"] == "output_head", label
-        else:
-            assert not any(n.startswith("head.") for n in tags), label
-        built += 1
-    assert built > 0
+def _model(**over) -> models.Decoder:
+    return models.Decoder(model_config(dict(BASE, **over)))
+
+
+def _factors() -> list[tuple[str, dict]]:
+    """One factor at a time off the base config: every registered mixer, FFN variant, norm
+    (block and final), parameterization, tying, QK-norm and bias, each alone."""
+    out = [(f"mixer={m}", {"layers": {"pattern": "M", "mixers": {"M": {"kind": m}}}})
+           for m in registry.MIXERS.names()]
+    out += [(f"ffn={k}/{a}", {"ffn": {"kind": k, "activation": a}}) for k, a in ffn_variants()]
+    out += [(f"norm.block={n}", {"norm": {"block": n}}) for n in registry.NORMS.names()]
+    out += [(f"norm.final={n}", {"norm": {"final": n}}) for n in registry.NORMS.names()]
+    out += [(f"param={k}", {"param": {"kind": k}}) for k in registry.PARAMETERIZATIONS.names()]
+    out += [("untied", {"tie_embeddings": False}), ("qk_norm", {"qk_norm": True}),
+            ("bias", {"ffn": {"bias": True}})]
+    return out
+
+
+# A few pairs where two slots meet in one module or one init rule.
+PAIRS = [
+    ("layernorm+qk_norm+untied", {"norm": {"block": "layernorm", "final": "layernorm"}, "qk_norm": True,
+                                 "tie_embeddings": False}),
+    ("polynorm+bias+none-norm", {"ffn": {"kind": "mlp", "activation": "polynorm", "bias": True},
+                                 "norm": {"block": "none", "final": "none"}}),
+    ("stochastic-glu+layernorm", {"ffn": {"kind": "glu", "activation": "stochastic"},
+                                  "norm": {"block": "layernorm"}}),
+]
+
+
+@pytest.mark.parametrize("label, over", _factors() + PAIRS, ids=[f[0] for f in _factors() + PAIRS])
+def test_every_factor_is_tagged(label, over):
+    model = _model(**over)
+    tags = _check_all_tagged(model, label)
+    assert tags["embed.weight"] == "embedding", label
+    if over.get("tie_embeddings") is False:
+        assert tags["head.weight"] == "output_head", label
+    else:
+        assert not any(n.startswith("head.") for n in tags), label
 
 
 @pytest.mark.parametrize("kind", registry.PARAMETERIZATIONS.names())
 def test_every_parameterization_is_tagged(kind):
-    model = models.Decoder(model_config(dict(BASE, param={"kind": kind})))
-    _check_all_tagged(model, f"param={kind}")
+    _check_all_tagged(_model(param={"kind": kind}), f"param={kind}")
 
 
-def test_every_memory_layer_is_tagged():
-    for kind in registry.MEMORIES.names():
-        model = models.Decoder(model_config(dict(BASE, memory={"layers": [1], "kind": kind})))
-        _check_all_tagged(model, f"memory={kind}")
+def test_memory_layers_are_tagged():
+    """Every registered memory layer, and a registered test double (so the loop is never empty)."""
+    with registered(mixer=False, memory=True):
+        kinds = registry.MEMORIES.names()
+        assert "test_memory" in kinds
+        for kind in kinds:
+            tags = _check_all_tagged(_model(memory={"layers": [1], "kind": kind}), f"memory={kind}")
+            if kind == "test_memory":
+                assert tags["blocks.1.ffn.values"] == "memory_value"
 
 
 def test_known_tags_of_baseline():
@@ -109,8 +131,8 @@ def test_known_tags_of_baseline():
     assert tags["blocks.0.mixer.q_norm.weight"] == "norm_gain"
     assert tags["blocks.0.mixer_norm.weight"] == "norm_gain"
     assert tags["blocks.0.ffn_norm.bias"] == "norm_bias"
-    assert tags["final_norm.weight"] == "norm_gain"
-    assert tags["final_norm.bias"] == "norm_bias"
+    assert tags["final_norm.weight"] == "final_norm_gain"       # its own tags: CompleteP treats it apart
+    assert tags["final_norm.bias"] == "final_norm_bias"
 
 
 def test_tied_weight_tagged_once_as_embedding():
@@ -161,3 +183,26 @@ def test_stock_linear_without_tags_raises():
     model.blocks[0].mixer.gate = nn.Linear(4, 4)
     with pytest.raises(KeyError, match=r"blocks\.0\.mixer\.gate\.weight"):
         param_tags(model)
+
+
+def test_unregistered_tag_fails_at_build_time_naming_module_and_parameter():
+    class Mistagged(nn.Module):
+        param_tags = {"w": "no_such_tag"}
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+    model = models.Decoder(model_config(dict(BASE)))
+    model.blocks[0].mixer.extra = Mistagged()
+    with pytest.raises(KeyError, match=r"blocks\.0\.mixer\.extra\.w.*Mistagged.*no_such_tag.*not registered"):
+        param_tags(model)
+    with pytest.raises(KeyError, match="no_such_tag"):
+        models.Decoder.reset_parameters(model)              # init reads the specs too
+
+
+def test_tag_registration_refuses_a_conflicting_spec():
+    spec = tag_spec("hidden_matrix")
+    assert register_tag(spec) is spec                      # the same spec again is fine (re-import)
+    with pytest.raises(ValueError, match="already registered"):
+        register_tag(TagSpec("hidden_matrix", matrix=False, in_block=True, matmul=False, muon_ok=False))

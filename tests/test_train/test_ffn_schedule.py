@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ablate_testing import copy_run, make_cfg, train_rows
+from train.config import resolve_config
 
 import models
 from models.config import model_config
@@ -97,11 +98,11 @@ def test_swi_ft_turns_swiglu_into_reglu():
     x = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(0))
     run = RunCfg(10, 0.5, mcfg)
     apply_activation_schedule(model, 4, run)
-    assert torch.equal(model(x)[0], swiglu(x)[0])
+    assert torch.equal(model(x).logits, swiglu(x).logits)
     apply_activation_schedule(model, 5, run)
     for mode in (model.train, model.eval):
         mode()
-        assert torch.equal(model(x)[0], reglu(x)[0])
+        assert torch.equal(model(x).logits, reglu(x).logits)
 
 
 @pytest.mark.parametrize("kind, act", [("mlp", "silu"), ("mlp", "stochastic"), ("glu", "stochastic")])
@@ -255,11 +256,16 @@ def test_trainer_passes_global_sample_indices(tmp_path, tiny_dict, monkeypatch):
 
 def test_stochastic_seed_defaults_to_the_run_seed(tiny_dict):
     cfg = make_cfg(tiny_dict, seed=7, model__ffn__kind="mlp", model__ffn__activation="stochastic")
-    assert cfg.model.ffn.stochastic.seed == 7
+    assert cfg.model.ffn.stochastic.seed is None             # validation leaves it; resolve sets it
+    assert resolve_config(cfg, 300) == {"model.vocab_size": "tokenizer", "model.ffn.stochastic.seed": "seed"}
+    assert cfg.model.ffn.stochastic.seed == 7 and cfg.model.vocab_size == 320
     cfg = make_cfg(tiny_dict, seed=7, model__ffn__kind="mlp", model__ffn__activation="stochastic",
                    model__ffn__stochastic__seed=3)
+    assert "model.ffn.stochastic.seed" not in resolve_config(cfg, 300)
     assert cfg.model.ffn.stochastic.seed == 3                # an explicit seed wins
-    assert make_cfg(tiny_dict, seed=7).model.ffn.stochastic.seed is None   # unused: left alone
+    cfg = make_cfg(tiny_dict, seed=7)
+    resolve_config(cfg, 300)
+    assert cfg.model.ffn.stochastic.seed is None             # unused: left alone
 
 
 # ----------------------------------------------------------------------------- probe command

@@ -19,7 +19,7 @@ def test_greedy_generation_equals_full_forward_argmax():
     ids = prompt
     with torch.no_grad():
         for _ in range(12):
-            logits, _ = model(ids)
+            logits = model(ids).logits
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, ids)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import models
 from models.parameterization import GroupRule
-from models.tags import HIDDEN_MATRIX
+from models.tags import HIDDEN_MATRIX, TagSpec
 from train.config import Config, config_from_dict
 from train.muon import Muon, newton_schulz
 from train.optim import build_optimizer, group_table, param_groups, set_lr
@@ -35,7 +35,7 @@ def batch(seed: int = 1, b: int = 4, t: int = 16) -> torch.Tensor:
 
 
 def loss_of(model: models.Decoder, ids: torch.Tensor) -> torch.Tensor:
-    logits, _ = model(ids[:, :-1])
+    logits = model(ids[:, :-1]).logits
     return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
 
 
@@ -67,13 +67,14 @@ def test_every_param_in_exactly_one_group(name: str, arch: dict) -> None:
 def test_groups_follow_sp_rules() -> None:
     model, cfg = make(FULL, lr=1e-3, weight_decay=0.05, eps=1e-7)
     groups = {g["name"]: g for g in param_groups(model, cfg)}
-    assert set(groups) == {"embedding", "hidden_matrix", "hidden_bias", "norm_gain", "norm_bias", "output_head"}
+    assert set(groups) == {"embedding", "hidden_matrix", "hidden_bias", "norm_gain", "norm_bias", "final_norm_gain",
+                           "final_norm_bias", "output_head"}
     for g in groups.values():
         assert g["tag"] == g["name"] and g["use_muon"] is False
         assert g["lr"] == g["base_lr"] == 1e-3
         assert g["eps"] == 1e-7
         # SP's rule: weight decay on hidden matrices only.
-        assert g["weight_decay"] == (0.05 if g["tag"] == HIDDEN_MATRIX else 0.0)
+        assert g["weight_decay"] == (0.05 if g["tag"] == HIDDEN_MATRIX.name else 0.0)
     assert groups["hidden_matrix"]["weight_decay"] == 0.05
     assert all(p.ndim == 2 for p in groups["hidden_matrix"]["params"])
     assert all(p.ndim == 1 for t in ("hidden_bias", "norm_gain", "norm_bias") for p in groups[t]["params"])
@@ -83,8 +84,10 @@ def test_groups_come_from_tags_and_group_rule_not_names(monkeypatch: pytest.Monk
     model, cfg = make(SMALL, lr=1e-3, weight_decay=0.1, eps=1e-8)
     model.embed.param_tags = {"weight": "scalar"}         # retag: the group must follow the tag
 
-    def rule(tag: str) -> GroupRule:
-        return {"hidden_matrix": GroupRule(lr_mult=0.5, wd_mult=2.0, eps_mult=3.0)}.get(tag, GroupRule(wd_mult=0.0))
+    def rule(spec: TagSpec) -> GroupRule:
+        if spec.name == "scalar":
+            return GroupRule(lr=7e-4, wd_mult=0.0)             # an absolute lr replaces lr * lr_mult
+        return GroupRule(lr_mult=0.5, wd_mult=2.0, eps_mult=3.0) if spec.matrix else GroupRule(wd_mult=0.0)
 
     monkeypatch.setattr(model.param, "group_rule", rule)
     groups = {g["name"]: g for g in param_groups(model, cfg)}
@@ -93,6 +96,7 @@ def test_groups_come_from_tags_and_group_rule_not_names(monkeypatch: pytest.Monk
     assert hm["lr"] == hm["base_lr"] == pytest.approx(5e-4)
     assert hm["weight_decay"] == pytest.approx(0.2) and hm["eps"] == pytest.approx(3e-8)
     assert groups["scalar"]["weight_decay"] == 0.0
+    assert groups["scalar"]["lr"] == groups["scalar"]["base_lr"] == 7e-4
 
 
 def test_frozen_params_skipped_and_empty_groups_dropped() -> None:
@@ -111,13 +115,13 @@ def test_muon_groups_only_hidden_matrices() -> None:
     muon = [g for g in groups if g["use_muon"]]
     assert [g["name"] for g in muon] == ["hidden_matrix/muon"]
     assert all(p.ndim == 2 for p in muon[0]["params"])
-    assert muon[0]["tag"] == HIDDEN_MATRIX
+    assert muon[0]["tag"] == HIDDEN_MATRIX.name
     assert muon[0]["lr"] == muon[0]["base_lr"] == 0.03
     assert muon[0]["weight_decay"] == 0.1                  # muon.weight_decay null -> optim's
     assert "hidden_matrix" not in [g["name"] for g in groups]  # all hidden matrices are 2-D here
     for g in groups:
         if not g["use_muon"]:
-            assert g["tag"] != HIDDEN_MATRIX and g["lr"] == 1e-3
+            assert g["tag"] != HIDDEN_MATRIX.name and g["lr"] == 1e-3
     # An explicit 0.0 is kept, not replaced by optim.weight_decay.
     model, cfg = make(FULL, name="muon", weight_decay=0.1, muon={"weight_decay": 0.0})
     assert [g["weight_decay"] for g in param_groups(model, cfg) if g["use_muon"]] == [0.0]
@@ -127,7 +131,7 @@ def test_group_table_rows() -> None:
     model, cfg = make(SMALL, name="muon", lr=1e-3)
     rows = group_table(model, cfg)
     by = {r["name"]: r for r in rows}
-    assert set(by) == {"embedding", "hidden_matrix/muon", "norm_gain"}
+    assert set(by) == {"embedding", "hidden_matrix/muon", "norm_gain", "final_norm_gain"}
     assert set(rows[0]) == {"name", "tensors", "params", "lr", "weight_decay", "eps", "init_std", "optimizer"}
     assert sum(r["params"] for r in rows) == sum(p.numel() for p in model.parameters())
     assert sum(r["tensors"] for r in rows) == len(list(model.parameters()))
@@ -159,7 +163,7 @@ def test_build_muon_and_set_lr() -> None:
     assert (g["momentum"], g["ns_steps"], g["nesterov"]) == (0.9, 3, True)
     set_lr(opt, 0.5)
     assert {grp["name"]: grp["lr"] for grp in opt.param_groups} == {
-        "embedding": 5e-4, "hidden_matrix/muon": 0.025, "norm_gain": 5e-4}
+        "embedding": 5e-4, "hidden_matrix/muon": 0.025, "norm_gain": 5e-4, "final_norm_gain": 5e-4}
     set_lr(opt, 1.0)
     assert all(grp["lr"] == grp["base_lr"] for grp in opt.param_groups)
 

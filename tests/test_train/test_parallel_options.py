@@ -9,11 +9,17 @@ from train.trainer import SpikeDetector, train
 
 
 def test_activation_checkpointing_gives_identical_losses(finished_run, tmp_path, tiny_dict):
-    for mode in ("full", "selective"):
+    for mode in ("full", "every_k"):
         run = tmp_path / mode
         train(make_cfg(tiny_dict, parallel__activation_checkpointing=mode, parallel__ac_every=2,
                        checkpoint__every=0), run)
         assert [r["loss"] for r in train_rows(run)] == [r["loss"] for r in train_rows(finished_run)]
+
+
+def test_selective_is_refused_with_a_hint(tiny_dict):
+    with pytest.raises(ConfigError) as e:
+        make_cfg(tiny_dict, parallel__activation_checkpointing="selective")
+    assert e.value.key == "parallel.activation_checkpointing" and "every_k" in e.value.message
 
 
 def test_single_process_fsdp2_matches_plain(finished_run, tmp_path, tiny_dict):

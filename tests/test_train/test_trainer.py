@@ -35,6 +35,10 @@ def test_loss_decreases_and_run_dir_layout(finished_run):
     assert (finished_run / "tokenizer" / "tokenizer.json").exists()
     cfg_text = (finished_run / "config.yaml").read_text()
     assert "code_version" in cfg_text and "vocab_size: 384" in cfg_text
+    import yaml
+    saved = yaml.safe_load(cfg_text)
+    assert saved["derived"] == {"model.vocab_size": "tokenizer"}     # what was set after validation
+    assert all(r["loss_total"] == r["loss"] for r in rows)           # no term besides CE here
     steps = [s for s, _ in ckpt.complete_checkpoints(finished_run / "checkpoints")]
     assert steps == [4, 8, 12]
     events = train_rows(finished_run, "event")
