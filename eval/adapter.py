@@ -19,7 +19,6 @@ collectives always line up. lm-eval sees a single process (rank 0, world size 1)
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -30,18 +29,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 
+from train.runtime import any_rank, autocast, unwrap
+
 log = logging.getLogger(__name__)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Decoder inside DDP / torch.compile wrappers (FSDP2 shards the module in place)."""
-    while True:
-        if hasattr(model, "_orig_mod"):          # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def _distributed() -> bool:
@@ -114,9 +104,7 @@ class AblateLM(TemplateLM):
 
     # ------------------------------------------------------------------ model calls
     def _autocast(self):
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, enabled=self.amp)
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
@@ -126,14 +114,7 @@ class AblateLM(TemplateLM):
 
     def _agree_any(self, flag: bool) -> bool:
         """True if `flag` is true on any rank (identical on all ranks: keeps loops in lockstep)."""
-        if not self.sync:
-            return flag
-        import torch.distributed as dist
-        nccl = dist.get_backend() == "nccl"
-        dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        t = torch.tensor([1 if flag else 0], device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return any_rank(flag) if self.sync else flag
 
     # ------------------------------------------------------------------ loglikelihood
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:

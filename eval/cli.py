@@ -38,7 +38,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from eval.results import format_result
     from eval.runner import EvalSpec, evaluate_run
-    from train.generate import load_run_config
+    from train.runtime import load_run_config
 
     cfg = load_run_config(args.run_dir)       # ConfigError naming RUN_DIR when it is not a run
     include = args.include_path if args.include_path is not None else (

@@ -73,7 +73,7 @@ def write_val_docs(run: RunDir, tokenizer: Any, val_data: Any = None) -> Path:
         return path
     if val_data is None:
         from train.data import prepare_data
-        from train.generate import load_run_config
+        from train.runtime import load_run_config
         val_data = prepare_data(load_run_config(run.path), progress=False).val
     tokens, starts = val_data.tokens, list(val_data.doc_starts) + [len(val_data.tokens)]
     lines = []

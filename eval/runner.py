@@ -24,6 +24,7 @@ from eval import local
 from eval.results import load_result, log_missing_rows, metrics_from_lm_eval, result_path, save_result, settings_hash
 from models.registry import ConfigError
 from train.rundir import RunDir
+from train.runtime import rank0_decides
 
 
 @dataclass
@@ -136,17 +137,6 @@ def _dist_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _rank0_decides(flag: bool) -> bool:
-    """Rank 0's flag on every rank, so all ranks take the same branch (no FSDP2 deadlock)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([int(flag) if dist.get_rank() == 0 else 0], device=dev)
-    dist.all_reduce(t)
-    return bool(t.item())
-
-
 def evaluate_model(model: nn.Module, tokenizer: Any, run: RunDir, step: int, spec: EvalSpec, *,
                    val_data: Any = None, log: Callable[[dict[str, Any]], None] | None = None,
                    source: str = "cli") -> dict[str, Any] | None:
@@ -163,7 +153,7 @@ def evaluate_model(model: nn.Module, tokenizer: Any, run: RunDir, step: int, spe
     path = result_path(run, step, plan.hash8)
     writer = _dist_rank() == 0
     existing = load_result(path) if writer else None
-    if _rank0_decides(existing is not None):
+    if rank0_decides(existing is not None):   # all ranks take rank 0's branch (no FSDP2 deadlock)
         if writer and existing is not None:
             log_missing_rows(run, existing, log)
             return {**existing, "path": str(path), "reused": True}
@@ -229,9 +219,10 @@ def evaluate_run(run_dir: str | Path, step: int | str | None, spec: EvalSpec,
                  device: str | None = None) -> list[dict[str, Any]]:
     """`ablate eval`: evaluate the chosen checkpoints of a run, one result per step."""
     from train import checkpoint as ckpt
+    from train.callbacks.activation_schedule import apply_checkpoint_activation
     from train.data import load_tokenizer
-    from train.generate import load_run_config
     from train.rundir import step_name
+    from train.runtime import load_run_config, resolve_device
 
     run = RunDir(run_dir)
     cfg = load_run_config(run_dir)
@@ -240,8 +231,6 @@ def evaluate_run(run_dir: str | Path, step: int | str | None, spec: EvalSpec,
     tokenizer = load_tokenizer(run.tokenizer_dir)
     steps = checkpoint_steps(run, step)
     import models
-    from train.activation_schedule import apply_checkpoint_activation
-    from train.trainer import resolve_device
     model = models.Decoder(cfg.model).to(resolve_device(device or cfg.device))
     out = []
     for s in steps:

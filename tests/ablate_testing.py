@@ -38,6 +38,43 @@ DIST = {
 }
 
 
+def _nan_losses(module, args, kwargs, output):
+    """Forward hook: every loss term of a training forward becomes NaN."""
+    if module.training and output.losses:
+        from models.context import LossTerm
+        output.losses = {k: LossTerm(t.value * float("nan"), t.reduction) for k, t in output.losses.items()}
+    return output
+
+
+def nan_loss(steps: set[int]):
+    """A callback that makes the loss NaN on the given 1-based steps (fault injection for the
+    finite guard): a forward hook on the model for those steps' training forwards."""
+    from train.callbacks import Callback
+
+    class NaNLoss(Callback):
+        name = "test_nan_loss"
+
+        def __init__(self) -> None:
+            self.handle = None
+
+        def on_step_start(self, state) -> None:
+            if state.step + 1 in steps:
+                self.handle = state.model.register_forward_hook(_nan_losses, with_kwargs=True)
+
+        def on_step_end(self, state, metrics) -> None:
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+
+    return NaNLoss()
+
+
+def with_nan(cfg, steps: set[int]) -> list:
+    """The default callbacks of `cfg` plus NaN losses on `steps`."""
+    from train.callbacks import default_callbacks
+    return default_callbacks(cfg) + [nan_loss(steps)]
+
+
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
@@ -75,10 +112,13 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 def torchrun(setup: dict, run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
-             wait: bool = True, timeout: float = 180):
-    """`torchrun -m train setup["cfg"] ...` on `nproc` ranks: (returncode, output), or the Popen."""
+             wait: bool = True, timeout: float = 180, nan_steps: str | None = None):
+    """`torchrun -m train setup["cfg"] ...` on `nproc` ranks: (returncode, output), or the Popen.
+
+    nan_steps="3,5": run through tests/train_with_nan.py, which adds the NaNLoss callback."""
+    entry = ["-m", "train"] if nan_steps is None else [str(Path(__file__).parent / "train_with_nan.py"), nan_steps]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "-m", "train", str(setup["cfg"]), *overrides, "--run-dir", str(run_dir)]
+           *entry, str(setup["cfg"]), *overrides, "--run-dir", str(run_dir)]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(setup["cache"]), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:

@@ -1,8 +1,14 @@
-"""`ablate bench`: time the real training step (forward, backward, optimizer) on random tokens.
+"""`ablate bench`: time the real training step on random tokens, through the configured backend.
 
-`--reference` also times a minimal plain-PyTorch decoder of the same shape, written here and
-independent of `models/`, in the same process, and prints our throughput as a ratio of it:
-the overhead the configurable model costs.
+- `ablate bench CONFIG [--reference]`: `Trainer.train_step` itself (forward with the loss,
+  backward, clipping, the one host sync, the optimizer), under the configured backend, so
+  `parallel.compile` and activation checkpointing change what is measured. `--reference` also
+  times a minimal plain-PyTorch decoder of the same shape, written here and independent of
+  `models/`, in the same process (compiled per block when `parallel.compile` is on: both or
+  neither), and prints our throughput as a ratio of it: the overhead the configurable model costs.
+- `--mixers [--seq-lens 512,2048]`: each distinct mixer of the layer pattern alone, forward and
+  backward, at each sequence length.
+- `--loss-memory`: peak memory of forward + backward with the LM-head loss chunked and in one pass.
 """
 from __future__ import annotations
 
@@ -14,11 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
+from models.context import MixerContext, split_output
 from models.ffn import GLU, MLP
 from models.flops import count_params, flops_per_token
+from models.registry import MIXERS
+from models.rope import RotaryEmbedding
 from train.config import Config, resolve_config
-from train.optim import build_optimizer
-from train.trainer import autocast, memory_gb, peak_flops, resolve_device
+from train.parallel import init_distributed, shutdown_distributed
+from train.runtime import autocast, resolve_device
+from train.trainer import Trainer, memory_gb, peak_flops
 
 
 # ----------------------------------------------------------------------------- reference model
@@ -79,87 +89,135 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                params: list[torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]],
-                steps: int, warmup: int, device: torch.device, grad_clip: float) -> dict[str, float]:
-    """Seconds per step and the share of forward / backward / optimizer (timed with syncs)."""
-    fwd = bwd = opt = 0.0
-    n_tok = sum(int((y != -100).sum()) for _, y in batches)
-    for i in range(warmup + steps):
-        tf = tb = 0.0
-        for x, y in batches:
-            a = time.perf_counter()
-            with autocast(device):
-                loss = loss_sum(x, y) / n_tok
-            _sync(device)
-            b = time.perf_counter()
-            loss.backward()
-            _sync(device)
-            tf, tb = tf + (b - a), tb + (time.perf_counter() - b)
-        c = time.perf_counter()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+def _seconds_per_call(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Median wall seconds of fn() over `steps` calls after `warmup` untimed ones (synced)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
         _sync(device)
-        if i >= warmup:
-            fwd, bwd, opt = fwd + tf, bwd + tb, opt + (time.perf_counter() - c)
-    total = fwd + bwd + opt
-    return {"step_s": total / steps, "forward": fwd / total, "backward": bwd / total, "optimizer": opt / total}
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _random_batches(cfg: Config, n: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """`n` loader-shaped micro-batches of random tokens (labels: the inputs shifted by one)."""
+    T, B, V = cfg.data.seq_len, cfg.train.micro_batch, cfg.model.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        w = torch.randint(0, V, (B, T + 1), generator=gen)
+        out.append({"input_ids": w[:, :-1], "labels": w[:, 1:], "doc_ids": torch.zeros(B, T, dtype=torch.long),
+                    "indices": torch.arange(i * B, (i + 1) * B)})
+    return out
+
+
+def _reference_step(cfg: Config, device: torch.device, batches: list[dict[str, torch.Tensor]]) -> Callable[[], None]:
+    """The reference decoder's training step on the same batches (plain AdamW, clipping)."""
+    torch.manual_seed(cfg.seed)
+    ref = ReferenceDecoder(cfg).to(device)
+    if cfg.parallel.compile:
+        for block in ref.blocks:
+            block.compile()
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    n_tok = sum(int(b["labels"].numel()) for b in batches)
+    data = [(b["input_ids"].to(device), b["labels"].to(device)) for b in batches]
+
+    def step() -> None:
+        for x, y in data:
+            with autocast(device):
+                logits = ref(x).float()
+            F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").div(n_tok).backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = False) -> str:
+    """Time `Trainer.train_step` (and optionally the reference decoder's step) on random tokens."""
     device = resolve_device(cfg.device)
     resolve_config(cfg)
-    torch.manual_seed(cfg.seed)
-    accum = cfg.train.global_batch // cfg.train.micro_batch
-    T, B = cfg.data.seq_len, cfg.train.micro_batch
-    gen = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(accum):
-        w = torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=gen)
-        batches.append((w[:, :-1].to(device), w[:, 1:].to(device)))
-    tokens = accum * B * T
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info = init_distributed(cfg.parallel.backend, device.type, cfg.parallel.timeout_s,
+                            cpu_collectives=cfg.parallel.cpu_offload)
+    try:
+        trainer = Trainer(cfg, None, info=info)
+        state = trainer.build()
+        batches = _random_batches(cfg, trainer.accum, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = _seconds_per_call(lambda: trainer.train_step(batches), steps, warmup, device)
+        mem = memory_gb(trainer.device)
+        model = state.model
+        T, B = cfg.data.seq_len, cfg.train.micro_batch
+        tokens = trainer.accum * B * T * info.world_size
+        fpt = flops_per_token(model, T)
+        peak = peak_flops(cfg, device)
+        tps = tokens / seconds
+        n = count_params(model)
+        where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"CPU, {torch.get_num_threads()} threads")
+        mfu = "n/a (no peak on CPU; set train.peak_tflops)" if peak is None else f"{tps * fpt / (peak * info.world_size):.1%}"
+        p = cfg.parallel
+        lines = [
+            f"device: {device} ({where}), torch {torch.__version__}",
+            f"shape: d={cfg.model.d_model} L={cfg.model.n_layers} H={cfg.model.n_heads} vocab={cfg.model.vocab_size} "
+            f"params={n.total:,}; step = {trainer.accum} x {B} x {T} tokens x {info.world_size} rank(s), "
+            f"median of {steps} steps after {warmup} warm-up",
+            f"backend: {p.backend}, compile: {'on' if p.compile else 'off'}"
+            f"{' (reference too)' if reference and p.compile else ''}, "
+            f"activation checkpointing: {p.activation_checkpointing}",
+            f"ablate:    {seconds * 1e3:9.1f} ms/step  {tps:12,.0f} tokens/s  MFU {mfu}  peak memory {mem:.2f} GB  "
+            f"FLOPs/token {fpt:,.0f}",
+        ]
+        if reference:
+            del trainer, state, model          # free our model before building the reference
+            ref_seconds = _seconds_per_call(_reference_step(cfg, device, batches), steps, warmup, device)
+            rtps = tokens / ref_seconds
+            lines.append(f"reference: {ref_seconds * 1e3:9.1f} ms/step  {rtps:12,.0f} tokens/s")
+            lines.append(f"ratio (ablate / reference tokens/s): {tps / rtps:.3f}")
+            if any(m.kind != "attention" for m in cfg.model.layers.mixers.values()):
+                lines.append("note: the reference is an attention-only decoder of the same width and depth")
+        return "\n".join(lines)
+    finally:
+        if info.distributed and not had_group:
+            shutdown_distributed()
 
-    model = models.Decoder(cfg.model).to(device)
-    opt = build_optimizer(model, cfg)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    ours = _time_steps(lambda x, y: model(x, labels=y).losses["ce"].value, opt, list(model.parameters()),
-                       batches, steps, warmup, device, cfg.optim.grad_clip)
-    mem = memory_gb(device)
-    fpt = flops_per_token(model, T)
-    peak = peak_flops(cfg, device)
-    tps = tokens / ours["step_s"]
-    n = count_params(model)
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
-    mfu = "n/a (no peak on CPU; set train.peak_tflops)" if peak is None else f"{tps * fpt / peak:.1%}"
-    lines = [
-        f"device: {device} ({where}), torch {torch.__version__}",
-        f"shape: d={cfg.model.d_model} L={cfg.model.n_layers} H={cfg.model.n_heads} vocab={cfg.model.vocab_size} "
-        f"params={n.total:,}; step = {accum} x {B} x {T} tokens, {steps} timed steps after {warmup} warm-up",
-        f"ablate:    {ours['step_s'] * 1e3:9.1f} ms/step  {tps:12,.0f} tokens/s  "
-        f"forward {ours['forward']:.0%} backward {ours['backward']:.0%} optimizer {ours['optimizer']:.0%}",
-        f"           MFU {mfu}  peak memory {mem:.2f} GB  FLOPs/token {fpt:,.0f}",
-    ]
-    if reference:
-        del model, opt          # free our model before building the reference
+
+def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int = 3) -> str:
+    """Each distinct mixer of the layer pattern alone: forward + backward of one (B, T, d) input."""
+    device = resolve_device(cfg.device)
+    resolve_config(cfg)
+    m = cfg.model
+    letters = m.layers.letters(m.n_layers)
+    B = cfg.train.micro_batch
+    lines = [f"mixers alone, forward + backward, batch {B}, d={m.d_model}, device {device}, "
+             f"median of {steps} after {warmup} warm-up"]
+    for letter in dict.fromkeys(letters):        # distinct, in pattern order
+        mixer_cfg = m.layers.mixers[letter]
         torch.manual_seed(cfg.seed)
-        ref = ReferenceDecoder(cfg).to(device)
-        ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                    eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        def ref_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            logits = ref(x).float()
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+        mixer = MIXERS.get(mixer_cfg.kind)(m, mixer_cfg, letters.index(letter)).to(device)
+        for T in seq_lens:
+            cos, sin = RotaryEmbedding(m.head_dim, T, m.rope_theta)(0, T, device)
+            ctx = MixerContext(start=0, cos=cos.float(), sin=sin.float())
+            x = torch.randn(B, T, m.d_model, device=device, requires_grad=True)
+            grad = torch.randn(B, T, m.d_model, device=device)
 
-        r = _time_steps(ref_loss, ref_opt, list(ref.parameters()), batches, steps, warmup, device, cfg.optim.grad_clip)
-        rtps = tokens / r["step_s"]
-        lines.append(f"reference: {r['step_s'] * 1e3:9.1f} ms/step  {rtps:12,.0f} tokens/s  "
-                     f"forward {r['forward']:.0%} backward {r['backward']:.0%} optimizer {r['optimizer']:.0%}")
-        lines.append(f"ratio (ablate / reference tokens/s): {tps / rtps:.3f}")
-        if any(m.kind != "attention" for m in cfg.model.layers.mixers.values()):
-            lines.append("note: the reference is an attention-only decoder of the same width and depth")
+            def fwd_bwd() -> None:
+                with autocast(device):
+                    y, _ = split_output(mixer(x, ctx))
+                y.float().backward(grad)
+                x.grad = None
+                mixer.zero_grad(set_to_none=True)
+
+            s = _seconds_per_call(fwd_bwd, steps, warmup, device)
+            lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6} {s * 1e3:9.2f} ms  {B * T / s:12,.0f} tokens/s")
     return "\n".join(lines)
 
 

@@ -25,12 +25,20 @@ def _default_run_dir(config_path: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- commands
+def run_callbacks(cfg):
+    """Every callback of a training run: the trainer's own (train/callbacks) and eval's (lm-eval
+    in the loop, probes). This is the composition root: the only place in train/ that imports eval/."""
+    from eval.callbacks import eval_callbacks
+    from train.callbacks import default_callbacks
+    return default_callbacks(cfg) + eval_callbacks(cfg)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from train.trainer import install_stop_handlers, train
     install_stop_handlers()
     cfg = _load(args)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
-    result = train(cfg, run_dir, resume=args.resume)
+    result = train(cfg, run_dir, resume=args.resume, callbacks=run_callbacks(cfg))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if result.status == "requeue":
@@ -90,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from train.sparsity import format_sparsity, sparsity_probe
+    from eval.probes.sparsity import format_sparsity, sparsity_probe
     print(format_sparsity(sparsity_probe(args.run_dir, args.step)))
     return 0
 
@@ -113,9 +121,18 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from train.bench import loss_memory, run_bench
+    from train.bench import bench_mixers, loss_memory, run_bench
     if args.loss_memory:
         print(loss_memory(_load(args)))
+        return 0
+    if args.mixers:
+        try:
+            seq_lens = [int(t) for t in args.seq_lens.split(",") if t.strip()]
+        except ValueError:
+            raise UsageError("--seq-lens", f"expected comma-separated integers, got {args.seq_lens!r}") from None
+        if not seq_lens or min(seq_lens) < 1:
+            raise UsageError("--seq-lens", f"expected positive lengths, got {args.seq_lens!r}")
+        print(bench_mixers(_load(args), seq_lens, steps=args.steps, warmup=args.warmup))
         return 0
     print(run_bench(_load(args), steps=args.steps, warmup=args.warmup, reference=args.reference))
     return 0
@@ -190,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--reference", action="store_true", help="also time a plain-PyTorch decoder of the same shape")
+    b.add_argument("--mixers", action="store_true", help="time each distinct mixer of the pattern alone")
+    b.add_argument("--seq-lens", default="512,2048", help="with --mixers: comma-separated sequence lengths")
     b.add_argument("--loss-memory", action="store_true",
                    help="peak memory of forward+backward with the LM-head loss chunked and in one pass")
     b.set_defaults(fn=cmd_bench)

@@ -97,6 +97,19 @@ class TokenizerConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """`train.profile`: a torch.profiler window of `steps` steps after step `start` (0: the first
+    steps), written as Chrome traces under RUN_DIR/profile/. steps 0: off."""
+
+    start: int = 0
+    steps: int = 0
+
+    def validate(self, path: str) -> None:
+        require(self.start >= 0, f"{path}.start", f"must be >= 0, got {self.start}")
+        require(self.steps >= 0, f"{path}.steps", f"must be >= 0, got {self.steps}")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     global_batch: int = 8
@@ -111,6 +124,8 @@ class TrainConfig:
     spike_sigma: float = 6.0       # a spike is a loss above mean + sigma * std of the window
     spike_action: Literal["log", "skip"] = "log"
     progress: bool = True
+    log_group_norms: bool = False  # per optimizer group: grad norm and update/parameter RMS ratio, at log_every
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self, path: str) -> None:
         for key in ("steps", "global_batch", "micro_batch", "log_every"):
@@ -261,6 +276,8 @@ class Config:
     def validate(self, path: str = "") -> None:
         require(not (self.init_from and self.branch_from), "branch_from",
                 "set init_from (weights only) or branch_from (full state), not both")
+        require(not (self.train.log_group_norms and self.parallel.backend == "deepspeed"), "train.log_group_norms",
+                "not available with parallel.backend=deepspeed (ZeRO owns the flattened gradients)")
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.model.vocab_size is not None and self.tokenizer.kind == "bpe" and self.data.source != "pretokenized":
@@ -284,7 +301,8 @@ class Config:
 RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.decay_frac", "optim.schedule.decay_start",
                       "optim.schedule.min_lr_ratio", "checkpoint.", "eval.", "log.", "parallel.",
                       "launch.", "train.log_every", "train.val_every", "train.val_batches",
-                      "train.progress", "train.peak_tflops", "train.spike_", "data.cache_dir", "data.num_proc", "name",
+                      "train.progress", "train.peak_tflops", "train.spike_", "train.log_group_norms",
+                      "train.profile.", "data.cache_dir", "data.num_proc", "name",
                       "code_version", "derived")
 
 # Top-level keys of a run's config.yaml that are records, not config: popped when it is loaded.

@@ -6,10 +6,8 @@ from pathlib import Path
 import torch
 
 import models
-from models.registry import ConfigError
-from train import checkpoint as ckpt
-from train.config import RECORD_KEYS, Config, config_from_dict
 from train.rundir import RunDir
+from train.runtime import load_model
 
 
 @torch.no_grad()
@@ -42,32 +40,6 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    run = RunDir(run_dir)
-    if not run.exists():
-        raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory (no config.yaml)")
-    data = run.read_config()
-    for key in RECORD_KEYS:
-        data.pop(key, None)
-    return config_from_dict(data)
-
-
-def load_model(run_dir: str | Path, step: int | str | None = "latest",
-               device: str | torch.device = "cpu") -> tuple[models.Decoder, Config, int]:
-    """The run's model with the weights of a complete checkpoint (newest by default)."""
-    cfg = load_run_config(run_dir)
-    try:
-        found_step, path = ckpt.find_checkpoint(RunDir(run_dir).checkpoints, step)
-    except FileNotFoundError as e:
-        raise ConfigError("--step", str(e)) from None
-    model = models.Decoder(cfg.model).to(device)
-    ckpt.load_model_weights(path, model)
-    from train.activation_schedule import apply_checkpoint_activation
-    apply_checkpoint_activation(model, found_step, cfg)     # a ReLU fine-tune checkpoint decodes with ReLU
-    model.eval()
-    return model, cfg, found_step
 
 
 def generate_from_run(run_dir: str | Path, prompt: str, step: int | str | None = "latest",

@@ -20,17 +20,12 @@ from torch import nn
 from models.tags import TagSpec, param_specs, tag_spec
 from train.config import Config
 from train.muon import Muon
+from train.runtime import unwrap
 
 
 def _parameterization(model: nn.Module) -> Any:
-    """The model's `param` (parameterization), looking through DDP / torch.compile wrappers."""
-    m: Any = model
-    while not hasattr(m, "param"):
-        inner = getattr(m, "module", None) or getattr(m, "_orig_mod", None)
-        if inner is None:
-            raise AttributeError(f"{type(model).__name__} has no parameterization (`.param`)")
-        m = inner
-    return m.param
+    """The model's `param` (parameterization), through DDP / DeepSpeed / torch.compile wrappers."""
+    return unwrap(model).param
 
 
 def muon_weight_decay(cfg: Config) -> float:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.registry import ConfigError
+from train.runtime import any_rank, autocast
 
 
 @dataclass
@@ -126,9 +127,9 @@ class Backend:
         return model
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The forward's precision context: bf16 autocast on CUDA (FSDP2 and DeepSpeed cast
+        parameters themselves instead)."""
+        return autocast(self.device)
 
     @contextlib.contextmanager
     def grad_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
@@ -136,15 +137,28 @@ class Backend:
         yield
 
     # -- collectives -----------------------------------------------------------------
-    def sum(self, value: float) -> float:
-        if not self.info.distributed or self.info.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+    @property
+    def distributed(self) -> bool:
+        """A process group exists (also with one rank): the step's counts go through collectives."""
+        return self.info.distributed
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over ranks (a new tensor on the collective device; `t` itself with
+        one rank). Stays on the device: nothing is read back to the host."""
+        if not self.distributed:
+            return t
+        t = t.to(self._comm_device(), copy=True)
         dist.all_reduce(t)
-        return float(t.item())
+        return t
+
+    def sum(self, value: float) -> float:
+        """The sum of a host number over ranks (reads the result back: a sync)."""
+        if not self.distributed:
+            return value
+        return float(self.all_sum(torch.tensor([value], dtype=torch.float64)).item())
 
     def any(self, flag: bool) -> bool:
-        return self.sum(1.0 if flag else 0.0) > 0
+        return any_rank(flag)
 
     def barrier(self) -> None:
         if self.info.distributed and self.info.world_size > 1:
@@ -169,12 +183,13 @@ class Backend:
     def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_grads(self, model: nn.Module, max_norm: float) -> float | None:
-        """Clip and return the global grad norm, or None when the backend clips inside its step."""
+    def clip_grads(self, model: nn.Module, max_norm: float) -> torch.Tensor | None:
+        """Clip and return the global grad norm as a device tensor (not read back), or None when
+        the backend clips inside its step."""
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):    # FSDP2: a DTensor whose full value is its local one
             norm = norm.full_tensor()
-        return float(norm)
+        return norm
 
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float | None:
         """Apply the update and clear the gradients; returns the grad norm if the step computed it."""
@@ -342,7 +357,7 @@ class DeepSpeedBackend(Backend):
     def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
         model.backward(loss, scale_wrt_gas=False)
 
-    def clip_grads(self, model: nn.Module, max_norm: float) -> float | None:
+    def clip_grads(self, model: nn.Module, max_norm: float) -> torch.Tensor | None:
         return None                           # gradient_clipping in the DeepSpeed config
 
     def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float | None:
@@ -395,6 +410,3 @@ def make_backend(cfg, info: DistInfo, device: torch.device) -> Backend:
     return BACKENDS[cfg.parallel.backend](cfg, info, device)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Decoder inside a DDP wrapper or DeepSpeed engine (FSDP2 keeps the module itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model

@@ -65,7 +65,7 @@ def ffn_line(model: torch.nn.Module, cfg: Config) -> str:
     if ffn_cfg.activation == "stochastic":
         sc = ffn_cfg.stochastic
         text += f"  stochastic p={sc.p} {sc.granularity} eval={sc.eval_mode}"
-    from train.activation_schedule import relu_switch_step
+    from train.callbacks.activation_schedule import relu_switch_step
     switch = relu_switch_step(cfg.train.steps, ffn_cfg.relu_finetune_frac)
     if switch is not None:
         text += f"  ReLU fine-tune from step {switch} of {cfg.train.steps}"

@@ -1,24 +1,26 @@
-"""The training loop: one loop, read top to bottom.
+"""The trainer: setup, one reusable `train_step`, and the loop, each readable top to bottom.
 
-setup (run dir, data, model, optimizer, resume) -> for each step: gather the step's
-micro-batches, count its target tokens, forward/backward each micro-batch with the loss
-normalised by that count, clip, finite guard, optimizer step -> log, validate, checkpoint,
-honour stop requests. The distributed issue adds backends that wrap model/optimizer without
-changing this loop.
+    train(cfg, run_dir)                       a run: setup, loop, checkpoints, resume, stop/requeue
+    t = Trainer(cfg); t.build()               the real step without a run dir (bench, coordcheck):
+    metrics = t.train_step(batches)           forward/backward of each micro-batch, clip, guard, update
+
+The step: count the step's target tokens on the host, forward each micro-batch with its labels
+(the model returns named loss terms), weight each term by its reduction so that the averaged
+gradients equal the whole step's mean objective, backward, clip, read the device once (losses
+and grad norm), then update or skip (non-finite, spike). Everything around the step that a
+technique or a policy adds (activation schedules, probes, lm-eval in the loop, when to
+checkpoint, profiling) is a callback (train/callbacks); the trainer never changes for one.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import random
 import resource
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,35 +31,20 @@ from models.flops import flops_per_token
 from models.loss import IGNORE_INDEX
 from models.registry import ConfigError
 from train import checkpoint as ckpt
+from train.callbacks import Callback, TrainState, default_callbacks
 from train.config import Config, config_drift, dump_config, resolve_config
-from train.activation_schedule import apply_activation_schedule
+from train.group_stats import GroupStats
 from train.optim import build_optimizer, set_lr
-from train.parallel import (DistInfo, check_same_config, init_distributed, make_backend, shutdown_distributed,
-                            unwrap)
+from train.parallel import DistInfo, check_same_config, init_distributed, make_backend, shutdown_distributed
 from train.rundir import RunDir, code_version
+from train.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state, unwrap
 from train.schedule import lr_factor
-from train.sparsity import ffn_sparsity_row
 
 # Nominal dense bf16 peak, TFLOP/s, by a substring of the CUDA device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
 # ----------------------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing on CPU (fp32 keeps CPU runs exactly reproducible)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def peak_flops(cfg: Config, device: torch.device) -> float | None:
     if cfg.train.peak_tflops is not None:
         return cfg.train.peak_tflops * 1e12
@@ -75,28 +62,8 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()       # the current device only: world sizes may change
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def objective_terms(losses: dict[str, LossTerm], n_targets: float, n_micro: float) -> dict[str, torch.Tensor]:
+def objective_terms(losses: dict[str, LossTerm], n_targets: float | torch.Tensor,
+                    n_micro: float) -> dict[str, torch.Tensor]:
     """Each loss term's share of the step objective for one micro-batch on one rank.
 
     `sum` terms (CE, z-loss) are divided by the target tokens of the whole step, `mean` terms by
@@ -105,10 +72,14 @@ def objective_terms(losses: dict[str, LossTerm], n_targets: float, n_micro: floa
     return {name: t.value / (n_targets if t.reduction == "sum" else n_micro) for name, t in losses.items()}
 
 
-def _test_nan_steps() -> set[int]:
-    """Fault injection for tests: ABLATE_TEST_NAN_STEPS="3,5" makes those steps' loss NaN."""
-    raw = os.environ.get("ABLATE_TEST_NAN_STEPS", "")
-    return {int(s) for s in raw.split(",") if s.strip()}
+def unigram_entropy(tokens: np.ndarray, max_tokens: int = 1 << 24) -> float:
+    """Entropy (nats) of the token frequency distribution: what a context-free model reaches.
+
+    Estimated from the first `max_tokens` tokens, so start-up stays cheap on a large corpus
+    (exact for the quickstart's 1.6M tokens)."""
+    counts = np.bincount(np.asarray(tokens[:max_tokens]))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 _stop_signalled = False
@@ -160,17 +131,25 @@ class TrainResult:
     unigram_entropy: float | None = None    # nats/token of the training tokens: the bar to beat
 
 
-def unigram_entropy(tokens: np.ndarray, max_tokens: int = 1 << 24) -> float:
-    """Entropy (nats) of the token frequency distribution: what a context-free model reaches.
+class SpikeDetector:
+    """A loss above mean + sigma * std of the last `window` accepted losses is a spike."""
 
-    Estimated from the first `max_tokens` tokens, so start-up stays cheap on a large corpus
-    (exact for the quickstart's 1.6M tokens)."""
-    counts = np.bincount(np.asarray(tokens[:max_tokens]))
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    def __init__(self, window: int, sigma: float):
+        self.window, self.sigma = window, sigma
+        self.history: list[float] = []
+
+    def is_spike(self, loss: float) -> bool:
+        if self.window <= 0 or len(self.history) < self.window or not math.isfinite(loss):
+            return False
+        mean = sum(self.history) / len(self.history)
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+        return loss > mean + self.sigma * max(std, 1e-8)
+
+    def update(self, loss: float) -> None:
+        if self.window > 0:
+            self.history = (self.history + [loss])[-self.window:]
 
 
-# ----------------------------------------------------------------------------- setup
 def prepare_run_dir(cfg: Config, run: RunDir, resume: bool) -> dict[str, Any] | None:
     """Check a resumed run's saved config; returns it (None for a new run)."""
     if not run.exists():
@@ -196,277 +175,42 @@ def prepare_run_dir(cfg: Config, run: RunDir, resume: bool) -> dict[str, Any] | 
     return saved
 
 
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                  cfg: Config, backend: Any = None) -> float:
+    """Mean per-token CE over fixed validation batches, read from the device once. Under FSDP2
+    every rank runs all of them in lockstep (each rank must join each forward)."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for b in batches:
+        with (backend.autocast() if backend is not None else autocast(device)):
+            out = model(**batch_inputs(b, device, cfg.model.doc_mask))
+        total += out.losses["ce"].value.double()
+        count += int((b["labels"] != IGNORE_INDEX).sum())
+    model.train()
+    return float(total) / max(count, 1)
+
+
+def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device, doc_mask: bool) -> dict[str, Any]:
+    """The forward's keyword arguments for one loader batch, on the device."""
+    return {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
+            "doc_ids": batch["doc_ids"].to(device) if doc_mask else None,
+            "sample_index": batch["indices"].to(device)}
+
+
 def build_model(cfg: Config, device: torch.device) -> models.Decoder:
     torch.manual_seed(cfg.seed)
     return models.Decoder(cfg.model).to(device)
 
 
-# ----------------------------------------------------------------------------- loop
-def train(cfg: Config, run_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Train (or resume) the run in `run_dir`; under torchrun every rank calls this."""
-    device = resolve_device(cfg.device)
-    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    info = init_distributed(cfg.parallel.backend, device.type, cfg.parallel.timeout_s,
-                            cpu_collectives=cfg.parallel.cpu_offload)
-    owns_group = info.distributed and not had_group     # a caller's process group stays up
-    try:
-        return _train(cfg, RunDir(run_dir), resume, info)
-    finally:
-        if owns_group:
-            shutdown_distributed()
-
-
-def _train(cfg: Config, run: RunDir, resume: bool, info: DistInfo) -> TrainResult:
-    from train import data as data_mod     # data imports tokenizers / datasets: keep `import train` light
-
-    main = info.is_main
-    stop = StopRequest(run)
+def train_device(cfg: Config, info: DistInfo) -> torch.device:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    backend = make_backend(cfg, info, device)
-    dp = info.world_size
-    if cfg.train.global_batch % (cfg.train.micro_batch * dp):
-        raise ConfigError("train.global_batch", f"global_batch={cfg.train.global_batch} is not a multiple of "
-                          f"micro_batch x data-parallel ranks = {cfg.train.micro_batch} x {dp}")
-    accum = cfg.train.global_batch // (cfg.train.micro_batch * dp)
-    saved = prepare_run_dir(cfg, run, resume)
-
-    data = data_mod.prepare_data(cfg, progress=cfg.train.progress and main)
-    derived = {**((saved or {}).get("derived") or {}), **resolve_config(cfg, data.vocab_size)}
-    if cfg.model.vocab_size < data.vocab_size:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
-                                              f"vocabulary ({data.vocab_size})")
-    check_same_config(info, cfg.to_dict())
-    logger = MetricLogger(cfg, run) if main else None     # fails early on a missing tensorboard / wandb
-    try:
-        return _loop(cfg, run, info, backend, data, data_mod, device, accum, stop, logger, derived)
-    except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt) and run.path.is_dir() and (main or not run.has("FAILED")):
-            run.set_marker("FAILED", f"{type(e).__name__}: {e}")     # any rank: the first cause wins
-        raise
-    finally:
-        backend.close()               # DeepSpeed: engine.destroy() + gc before the group goes down
-        if logger is not None:
-            logger.close()
-        stop.restore()
-
-
-def _loop(cfg: Config, run: RunDir, info: DistInfo, backend, data, data_mod, device: torch.device, accum: int,
-          stop: StopRequest, logger: "MetricLogger | None", derived: dict[str, str]) -> TrainResult:
-    main, dp = info.is_main, info.world_size
-    if main:
-        ckpt.clean_partial(run.checkpoints)
-    backend.barrier()
-
-    seed_everything(cfg.seed)
-    model = backend.wrap(build_model(cfg, device))
-    optimizer = build_optimizer(model, cfg)
-    fpt = flops_per_token(unwrap(model), cfg.data.seq_len)
-    peak = peak_flops(cfg, device)
-    spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_sigma)
-
-    # ---- resume, or start (optionally from another run's full state or weights)
-    start_step, sample_index = 0, 0
-    latest = ckpt.latest_checkpoint(run.checkpoints)
-    source = latest[1] if latest is not None else (_checkpoint_dir(cfg.branch_from, "branch_from")
-                                                   if cfg.branch_from else None)
-    if source is None and cfg.init_from:       # into the plain model, before any engine wraps it
-        ckpt.load_model_weights(_checkpoint_dir(cfg.init_from, "init_from"), model)
-    model = backend.setup(model, optimizer, accum)
-    if source is not None:
-        state = ckpt.load_checkpoint(source, model, optimizer, rank=info.rank, engine=backend.engine,
-                                     world_size=dp)
-        start_step, sample_index = state["step"], state["data"]["sample_index"]
-        spikes.history = list(state.get("spike_history", []))
-        set_rng_state(state["rng"])
-    loader = data_mod.Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed,
-                             rank=info.rank, world_size=dp, start_index=sample_index)
-    val_data = data_mod.val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch, cfg.train.val_batches)
-    entropy = unigram_entropy(data.train.tokens)
-
-    # ---- setup succeeded: only now is the run dir touched
-    if main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_config(dump_config(cfg, {"derived": derived, "code_version": code_version()}))
-        if data.tokenizer_dir is not None and not run.tokenizer_dir.exists():
-            data_mod.copy_tokenizer(data, run.tokenizer_dir)
-        run.truncate_metrics(start_step)
-        run.clear_marker("STOP", "REQUEUE", "FAILED", "DONE")
-        if source is not None:
-            run.log({"kind": "event", "event": "resume" if latest is not None else "branch_from",
-                     "step": start_step, "checkpoint": str(source), "world_size": dp})
-        else:
-            if cfg.init_from:
-                run.log({"kind": "event", "event": "init_from", "step": 0, "source": cfg.init_from})
-            run.log({"kind": "event", "event": "data", "step": 0, "train_tokens": int(len(data.train.tokens)),
-                     "val_tokens": int(len(data.val.tokens)), "unigram_entropy": entropy,
-                     "cache": data.cache_key})
-    backend.barrier()
-    stop.install()
-    nan_steps = _test_nan_steps()
-    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-
-    def log(row: dict[str, Any]) -> None:
-        if logger is not None:
-            logger.log(row)
-
-    def save(step: int) -> None:
-        saved = ckpt.save_checkpoint(run.checkpoints, step, model, optimizer,
-                                     {"step": step, "data": loader.state_dict(), "tokens": step * tokens_per_step,
-                                      "world_size": dp, "spike_history": list(spikes.history)},
-                                     rng=rng_state(), rank=info.rank, barrier=backend.barrier, agree=backend.any,
-                                     engine=backend.engine)
-        if main:
-            if not saved.get("existed"):
-                log({"kind": "event", "event": "checkpoint", "step": step,
-                     "seconds": round(saved["seconds"], 4), "bytes": saved["bytes"]})
-            ckpt.prune(run.checkpoints, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
-        backend.barrier()
-
-    def nonfinite(step: int, loss_sum: float, grad_norm: float | None) -> None:
-        """A skipped non-finite step (its gradients already dropped): halt or log it."""
-        if cfg.train.nonfinite == "halt":
-            raise FloatingPointError(f"non-finite loss ({loss_sum}) or grad norm ({grad_norm}) "
-                                     f"at step {step} (train.nonfinite=halt)")
-        log({"kind": "event", "event": "skip_nonfinite", "step": step,
-             "loss": str(loss_sum), "grad_norm": str(grad_norm)})
-
-    val_loss = None
-    step = start_step
-    progress = _progress(cfg, start_step) if main else None
-    try:
-        t_last, tokens_since = time.perf_counter(), 0
-        while step < cfg.train.steps:
-            if backend.any(stop.requested()):      # every rank stops at the same boundary
-                save(step)
-                if main:
-                    run.set_marker("REQUEUE", f"stopped at step {step}")
-                    run.clear_marker("STOP")
-                return TrainResult("requeue", step, run.path, val_loss, entropy)
-
-            factor = lr_factor(step, cfg.train.steps, cfg.optim.schedule)
-            set_lr(optimizer, factor)
-            lr = cfg.optim.lr * factor
-            model.train()
-            switch = apply_activation_schedule(model, step, cfg)     # ReLU fine-tune; stateless
-            if switch is not None:
-                log(switch)
-            batches = [loader.next_batch() for _ in range(accum)]
-            local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-            n_targets = max(backend.sum(local_targets), 1.0)
-            terms: dict[str, float] = {}
-            for i, b in enumerate(batches):
-                x, y = b["input_ids"].to(device), b["labels"].to(device)
-                doc_ids = b["doc_ids"].to(device) if cfg.model.doc_mask else None
-                with backend.grad_sync(model, sync=i == len(batches) - 1):
-                    with backend.autocast():
-                        out = model(x, labels=y, doc_ids=doc_ids, sample_index=b["indices"].to(device),
-                                    z_loss=cfg.train.z_loss)
-                    parts = objective_terms(out.losses, n_targets, accum * dp)
-                    # averaged gradients across ranks then equal the whole step's mean objective
-                    loss = sum(parts.values()) * backend.grad_scale
-                    if step + 1 in nan_steps:
-                        loss = loss * float("nan")
-                    backend.backward(model, loss)
-                for name, value in parts.items():
-                    terms[name] = terms.get(name, 0.0) + float(value.detach())
-            terms = {name: backend.sum(v) for name, v in terms.items()}
-            loss_sum = terms["ce"] if step + 1 not in nan_steps else float("nan")
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = backend.clip_grads(model, clip)     # None: clipped inside the backend's step
-            step += 1
-            spike = spikes.is_spike(loss_sum)
-            if not (math.isfinite(loss_sum) and (grad_norm is None or math.isfinite(grad_norm))):
-                backend.discard_grads(model, optimizer)
-                nonfinite(step, loss_sum, grad_norm)
-            elif spike and cfg.train.spike_action == "skip":
-                backend.discard_grads(model, optimizer)
-                log({"kind": "event", "event": "spike", "step": step, "loss": loss_sum, "skipped": True})
-            else:
-                if spike:
-                    log({"kind": "event", "event": "spike", "step": step, "loss": loss_sum, "skipped": False})
-                step_norm = backend.optimizer_step(model, optimizer)
-                if grad_norm is None:
-                    grad_norm = step_norm
-                if grad_norm is not None and not math.isfinite(grad_norm):
-                    nonfinite(step, loss_sum, grad_norm)     # DeepSpeed: its overflow check skipped the update
-                else:
-                    spikes.update(loss_sum)
-            tokens_since += tokens_per_step
-            samples = [step * cfg.train.global_batch - cfg.train.global_batch, step * cfg.train.global_batch - 1]
-            if dp == 1:     # the loader's own record of what it consumed
-                samples = [int(batches[0]["indices"][0]), int(batches[-1]["indices"][-1])]
-
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                now = time.perf_counter()
-                tps = tokens_since / max(now - t_last, 1e-9)
-                t_last, tokens_since = now, 0
-                log({"kind": "train", "step": step, "tokens": step * tokens_per_step,
-                     "loss": loss_sum, **{f"loss_{k}": v for k, v in terms.items() if k != "ce"},
-                     "loss_total": sum(terms.values()), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                     "mfu": (tps * fpt / peak) if peak else None, "mem_gb": memory_gb(device),
-                     "time_s": logger.elapsed() if logger else None, "samples": samples})
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
-
-            if val_data and ((cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.steps):
-                val_loss = evaluate_loss(model, val_data, device, cfg, backend)
-                log({"kind": "val", "step": step, "tokens": step * tokens_per_step,
-                     "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
-                sparsity = ffn_sparsity_row(model, val_data[:1], step, device, backend.autocast)
-                if sparsity is not None:
-                    log(sparsity)
-            if cfg.eval.every and cfg.eval.tasks:      # lm-eval: every rank, in lockstep; state left as found
-                from eval.hook import run_in_training_eval
-                run_in_training_eval(model, cfg, run, step, device, val_data=data.val, log=log)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-                save(step)
-
-        save(step)
-        if val_loss is None:
-            val_loss = _last_val(run)
-        if main:
-            run.set_marker("DONE", f"step {step}")
-        return TrainResult("done", step, run.path, val_loss, entropy)
-    finally:
-        if progress is not None:
-            progress.close()
-
-
-class SpikeDetector:
-    """A loss above mean + sigma * std of the last `window` accepted losses is a spike."""
-
-    def __init__(self, window: int, sigma: float):
-        self.window, self.sigma = window, sigma
-        self.history: list[float] = []
-
-    def is_spike(self, loss: float) -> bool:
-        if self.window <= 0 or len(self.history) < self.window or not math.isfinite(loss):
-            return False
-        mean = sum(self.history) / len(self.history)
-        std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
-        return loss > mean + self.sigma * max(std, 1e-8)
-
-    def update(self, loss: float) -> None:
-        if self.window > 0:
-            self.history = (self.history + [loss])[-self.window:]
-
-
-def _last_val(run: RunDir) -> float | None:
-    rows = run.read_metrics("val")
-    return rows[-1]["val_loss"] if rows else None
-
-
-def _progress(cfg: Config, start: int):
-    if not cfg.train.progress:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stderr, mininterval=1.0)
+    return device
 
 
 def _checkpoint_dir(source: str, key: str) -> Path:
@@ -480,22 +224,335 @@ def _checkpoint_dir(source: str, key: str) -> Path:
     return found[1]
 
 
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
-                  cfg: Config, backend=None) -> float:
-    """Mean per-token validation loss over the fixed validation batches (every rank runs all of
-    them in lockstep: FSDP2 needs each rank in each forward)."""
-    model.eval()
-    total, count = 0.0, 0
-    for b in batches:
-        x, y = b["input_ids"].to(device), b["labels"].to(device)
-        doc_ids = b["doc_ids"].to(device) if cfg.model.doc_mask else None
-        with (backend.autocast() if backend is not None else autocast(device)):
-            out = model(x, labels=y, doc_ids=doc_ids, sample_index=b["indices"].to(device))
-        total += float(out.losses["ce"].value)
-        count += int((y != IGNORE_INDEX).sum())
-    model.train()
-    return total / max(count, 1)
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """One run's training. `run_dir=None`: no metrics file and no checkpoints (bench, coordcheck)."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, callbacks: Sequence[Callback] = (),
+                 info: DistInfo | None = None, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
+        self.run = RunDir(run_dir) if run_dir is not None else None
+        self.info = info or DistInfo()
+        self.device = train_device(cfg, self.info)
+        self.backend = make_backend(cfg, self.info, self.device)
+        self.callbacks = list(callbacks)
+        dp = self.info.world_size
+        if cfg.train.global_batch % (cfg.train.micro_batch * dp):
+            raise ConfigError("train.global_batch", f"global_batch={cfg.train.global_batch} is not a multiple of "
+                              f"micro_batch x data-parallel ranks = {cfg.train.micro_batch} x {dp}")
+        self.accum = cfg.train.global_batch // (cfg.train.micro_batch * dp)
+        self.spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_sigma)
+        self.logger: MetricLogger | None = None
+        self.model: torch.nn.Module | None = None
+        self.state: TrainState | None = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.log(row)
+
+    # ---- setup ------------------------------------------------------------------------
+    def build(self, init_from: str | None = None) -> TrainState:
+        """Model -> parallelism (AC, compile, FSDP2 / DDP) -> optimizer (-> init_from weights)
+        -> backend setup (DeepSpeed's engine). Needs a resolved config (vocab size)."""
+        cfg = self.cfg
+        if cfg.model.vocab_size is None:
+            resolve_config(cfg)
+        seed_everything(cfg.seed)
+        model = self.backend.wrap(build_model(cfg, self.device))
+        optimizer = build_optimizer(model, cfg)
+        if init_from:                  # into the plain model, before any engine wraps it
+            ckpt.load_model_weights(_checkpoint_dir(init_from, "init_from"), model)
+        self.model = self.backend.setup(model, optimizer, self.accum)
+        self.optimizer = optimizer
+        self.group_stats = GroupStats(optimizer) if cfg.train.log_group_norms else None
+        self.state = TrainState(cfg=cfg, model=unwrap(self.model), optimizer=optimizer, backend=self.backend,
+                                run=self.run, log=self.log, device=self.device)
+        return self.state
+
+    def prepare(self) -> None:
+        """Config checks and data: a failure here leaves the run dir untouched (no FAILED marker)."""
+        from train import data as data_mod     # data imports tokenizers / datasets: keep `import train` light
+
+        cfg, run, info, main = self.cfg, self.run, self.info, self.info.is_main
+        saved = prepare_run_dir(cfg, run, self.resume)
+        self.data = data_mod.prepare_data(cfg, progress=cfg.train.progress and main)
+        self.derived = {**((saved or {}).get("derived") or {}), **resolve_config(cfg, self.data.vocab_size)}
+        if cfg.model.vocab_size < self.data.vocab_size:
+            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
+                                                  f"vocabulary ({self.data.vocab_size})")
+        check_same_config(info, cfg.to_dict())
+        self.logger = MetricLogger(cfg, run) if main else None   # fails early on a missing tensorboard / wandb
+
+    def setup(self) -> None:
+        """Model, optimizer and resume; the run dir is written only once all of it succeeded."""
+        from train import data as data_mod
+
+        cfg, run, info, main, data = self.cfg, self.run, self.info, self.info.is_main, self.data
+        if main:
+            ckpt.clean_partial(run.checkpoints)
+        self.backend.barrier()
+
+        # resume, or start (optionally from another run's full state or weights)
+        latest = ckpt.latest_checkpoint(run.checkpoints)
+        source = latest[1] if latest is not None else (_checkpoint_dir(cfg.branch_from, "branch_from")
+                                                       if cfg.branch_from else None)
+        state = self.build(init_from=cfg.init_from if source is None else None)
+        sample_index = 0
+        if source is not None:
+            saved_state = ckpt.load_checkpoint(source, self.model, self.optimizer, rank=info.rank,
+                                               engine=self.backend.engine, world_size=info.world_size)
+            state.step, sample_index = saved_state["step"], saved_state["data"]["sample_index"]
+            self.spikes.history = list(saved_state.get("spike_history", []))
+            for cb in self.callbacks:
+                cb.load_state_dict(saved_state.get("callbacks", {}).get(cb.name, {}))
+            set_rng_state(saved_state["rng"])
+        self.loader = data_mod.Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed,
+                                      rank=info.rank, world_size=info.world_size, start_index=sample_index)
+        state.data = data
+        state.val_batches = data_mod.val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch,
+                                                 cfg.train.val_batches)
+        self.entropy = unigram_entropy(data.train.tokens)
+
+        # setup succeeded: only now is the run dir touched
+        if main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.write_config(dump_config(cfg, {"derived": self.derived, "code_version": code_version()}))
+            if data.tokenizer_dir is not None and not run.tokenizer_dir.exists():
+                data_mod.copy_tokenizer(data, run.tokenizer_dir)
+            run.truncate_metrics(state.step)
+            run.clear_marker("STOP", "REQUEUE", "FAILED", "DONE")
+            if source is not None:
+                self.log({"kind": "event", "event": "resume" if latest is not None else "branch_from",
+                          "step": state.step, "checkpoint": str(source), "world_size": info.world_size})
+            else:
+                if cfg.init_from:
+                    self.log({"kind": "event", "event": "init_from", "step": 0, "source": cfg.init_from})
+                self.log({"kind": "event", "event": "data", "step": 0, "train_tokens": int(len(data.train.tokens)),
+                          "val_tokens": int(len(data.val.tokens)), "unigram_entropy": self.entropy,
+                          "cache": data.cache_key})
+        self.backend.barrier()
+
+    # ---- the step ---------------------------------------------------------------------
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """One optimizer update over this rank's micro-batches of the step.
+
+        Returns the step's metrics (all ranks): loss (CE per target token), loss_<term> for
+        every other term, loss_total, grad_norm, lr, and `update`: applied | skipped_nonfinite |
+        skipped_spike. The device is read once (losses and grad norm together)."""
+        cfg, backend, model, st = self.cfg, self.backend, self.model, self.state
+        factor = lr_factor(st.step, cfg.train.steps, cfg.optim.schedule)
+        set_lr(self.optimizer, factor)
+        model.train()
+        # counted on the host batches (numpy: no tensor op, no device read)
+        local_targets = sum(int(np.count_nonzero(b["labels"].numpy() != IGNORE_INDEX)) for b in batches)
+        if backend.distributed:          # summed on the device: no host read here
+            n_targets = backend.all_sum(torch.tensor(float(local_targets), dtype=torch.float64))
+            n_targets = n_targets.clamp_min(1.0).to(self.device)
+        else:
+            n_targets = float(max(local_targets, 1))
+        terms: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(batches):
+            with backend.grad_sync(model, sync=i == len(batches) - 1):
+                with backend.autocast():
+                    out = model(**batch_inputs(b, self.device, cfg.model.doc_mask), z_loss=cfg.train.z_loss)
+                parts = objective_terms(out.losses, n_targets, self.accum * self.info.world_size)
+                # averaged gradients across ranks then equal the whole step's mean objective
+                backend.backward(model, sum(parts.values()) * backend.grad_scale)
+            for name, value in parts.items():
+                terms[name] = terms.get(name, 0.0) + value.detach().double()
+        names = sorted(terms)
+        sums = backend.all_sum(torch.stack([terms[n] for n in names]))
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = backend.clip_grads(model, clip)     # a tensor, or None: clipped inside the backend's step
+        if self.group_stats is not None and self._log_due(st.step + 1):
+            self.group_stats.before_step()
+        host = torch.cat([sums, grad_norm.reshape(1).to(sums)]) if grad_norm is not None else sums
+        values = host.tolist()                          # the one host sync of the step
+        losses = dict(zip(names, values))
+        norm = values[-1] if grad_norm is not None else None
+
+        st.step += 1
+        metrics: dict[str, Any] = {"loss": losses["ce"], **{f"loss_{k}": v for k, v in losses.items() if k != "ce"},
+                                   "loss_total": sum(losses.values()), "lr": cfg.optim.lr * factor,
+                                   "grad_norm": norm, "update": "applied"}
+        spike = self.spikes.is_spike(metrics["loss"])
+        if not (math.isfinite(metrics["loss_total"]) and (norm is None or math.isfinite(norm))):
+            backend.discard_grads(model, self.optimizer)
+            metrics["update"] = "skipped_nonfinite"
+            self._nonfinite(metrics)
+        elif spike and cfg.train.spike_action == "skip":
+            backend.discard_grads(model, self.optimizer)
+            metrics["update"] = "skipped_spike"
+            self.log({"kind": "event", "event": "spike", "step": st.step, "loss": metrics["loss"], "skipped": True})
+        else:
+            if spike:
+                self.log({"kind": "event", "event": "spike", "step": st.step, "loss": metrics["loss"],
+                          "skipped": False})
+            step_norm = backend.optimizer_step(model, self.optimizer)
+            if metrics["grad_norm"] is None:
+                metrics["grad_norm"] = step_norm
+            if metrics["grad_norm"] is not None and not math.isfinite(metrics["grad_norm"]):
+                metrics["update"] = "skipped_nonfinite"    # DeepSpeed: its overflow check skipped the update
+                self._nonfinite(metrics)
+            else:
+                self.spikes.update(metrics["loss"])
+            if self.group_stats is not None and self._log_due(st.step):
+                metrics.update(self.group_stats.after_step())    # one more read, on log steps only
+        return metrics
+
+    def _nonfinite(self, metrics: dict[str, Any]) -> None:
+        """A skipped non-finite step (its gradients already dropped): halt or log it."""
+        step = self.state.step
+        if self.cfg.train.nonfinite == "halt":
+            raise FloatingPointError(f"non-finite loss ({metrics['loss_total']}) or grad norm "
+                                     f"({metrics['grad_norm']}) at step {step} (train.nonfinite=halt)")
+        self.log({"kind": "event", "event": "skip_nonfinite", "step": step,
+                  "loss": str(metrics["loss_total"]), "grad_norm": str(metrics["grad_norm"])})
+
+    def _log_due(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
+
+    # ---- validation and checkpoints -------------------------------------------------------
+    def validate(self) -> float:
+        return evaluate_loss(self.model, self.state.val_batches, self.device, self.cfg, self.backend)
+
+    def save(self) -> None:
+        """An atomic checkpoint of the whole state at this step boundary (then the keep policy)."""
+        st, info, run = self.state, self.info, self.run
+        tokens_per_step = self.cfg.train.global_batch * self.cfg.data.seq_len
+        trainer_state = {"step": st.step, "data": self.loader.state_dict(), "tokens": st.step * tokens_per_step,
+                         "world_size": info.world_size, "spike_history": list(self.spikes.history),
+                         "callbacks": {cb.name: cb.on_checkpoint(st) for cb in self.callbacks}}
+        saved = ckpt.save_checkpoint(run.checkpoints, st.step, self.model, self.optimizer, trainer_state,
+                                     rng=rng_state(), rank=info.rank, barrier=self.backend.barrier,
+                                     agree=self.backend.any, engine=self.backend.engine)
+        if info.is_main:
+            if not saved.get("existed"):
+                self.log({"kind": "event", "event": "checkpoint", "step": st.step,
+                          "seconds": round(saved["seconds"], 4), "bytes": saved["bytes"]})
+            ckpt.prune(run.checkpoints, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        self.backend.barrier()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to `train.steps` (or until a stop request), from wherever the run dir left off."""
+        run, main = self.run, self.info.is_main
+        stop = StopRequest(run)
+        try:
+            self.prepare()
+            try:
+                self.setup()
+                stop.install()
+                return self._loop(stop)
+            except BaseException as e:
+                if not isinstance(e, KeyboardInterrupt) and run.path.is_dir() and (main or not run.has("FAILED")):
+                    run.set_marker("FAILED", f"{type(e).__name__}: {e}")     # any rank: the first cause wins
+                raise
+        finally:
+            self.backend.close()       # DeepSpeed: engine.destroy() + gc before the group goes down
+            if self.logger is not None:
+                self.logger.close()
+            stop.restore()
+
+    def _loop(self, stop: StopRequest) -> TrainResult:
+        cfg, st, run, main = self.cfg, self.state, self.run, self.info.is_main
+        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        fpt = flops_per_token(st.model, cfg.data.seq_len)
+        peak = peak_flops(cfg, self.device)
+        progress = _progress(cfg, st.step) if main else None
+        val_loss, step_seconds, steps_timed = None, 0.0, 0
+        try:
+            while st.step < cfg.train.steps:
+                if self.backend.any(stop.requested()):      # every rank stops at the same boundary
+                    self.save()
+                    if main:
+                        run.set_marker("REQUEUE", f"stopped at step {st.step}")
+                        run.clear_marker("STOP")
+                    return TrainResult("requeue", st.step, run.path, val_loss, self.entropy)
+
+                for cb in self.callbacks:
+                    cb.on_step_start(st)
+                t0 = time.perf_counter()
+                batches = [self.loader.next_batch() for _ in range(self.accum)]
+                metrics = self.train_step(batches)
+                step_seconds, steps_timed = step_seconds + time.perf_counter() - t0, steps_timed + 1
+
+                if self._log_due(st.step):       # throughput of the steps alone (not validation or saves)
+                    tps = steps_timed * tokens_per_step / max(step_seconds, 1e-9)
+                    step_seconds, steps_timed = 0.0, 0
+                    self.log({"kind": "train", "step": st.step, "tokens": st.step * tokens_per_step,
+                              **{k: v for k, v in metrics.items() if k != "update"},
+                              "tokens_per_s": tps, "mfu": (tps * fpt / peak) if peak else None,
+                              "mem_gb": memory_gb(self.device),
+                              "time_s": self.logger.elapsed() if self.logger else None,
+                              "samples": self._samples(batches)})
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+
+                if st.val_batches and ((cfg.train.val_every and st.step % cfg.train.val_every == 0)
+                                       or st.step == cfg.train.steps):
+                    val_loss = self.validate()
+                    val = {"kind": "val", "step": st.step, "tokens": st.step * tokens_per_step,
+                           "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                    self.log(val)
+                    for cb in self.callbacks:
+                        cb.on_validation(st, val)
+                for cb in self.callbacks:
+                    cb.on_step_end(st, metrics)
+                if st.request_checkpoint:
+                    st.request_checkpoint = False
+                    self.save()
+
+            self.save()
+            for cb in self.callbacks:
+                cb.on_end(st)
+            if val_loss is None:
+                val_loss = _last_val(run)
+            if main:
+                run.set_marker("DONE", f"step {st.step}")
+            return TrainResult("done", st.step, run.path, val_loss, self.entropy)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _samples(self, batches: list[dict[str, torch.Tensor]]) -> list[int]:
+        """[first, last] global sample index of the step."""
+        step, gb = self.state.step, self.cfg.train.global_batch
+        if self.info.world_size == 1:     # the loader's own record of what it consumed
+            return [int(batches[0]["indices"][0]), int(batches[-1]["indices"][-1])]
+        return [step * gb - gb, step * gb - 1]
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False,
+          callbacks: Sequence[Callback] | None = None) -> TrainResult:
+    """Train (or resume) the run in `run_dir`; under torchrun every rank calls this.
+
+    callbacks: None -> `default_callbacks(cfg)` (train/callbacks); the CLI adds eval's."""
+    device = resolve_device(cfg.device)
+    had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info = init_distributed(cfg.parallel.backend, device.type, cfg.parallel.timeout_s,
+                            cpu_collectives=cfg.parallel.cpu_offload)
+    owns_group = info.distributed and not had_group     # a caller's process group stays up
+    try:
+        cbs = default_callbacks(cfg) if callbacks is None else list(callbacks)
+        return Trainer(cfg, run_dir, callbacks=cbs, info=info, resume=resume).fit()
+    finally:
+        if owns_group:
+            shutdown_distributed()
+
+
+def _last_val(run: RunDir) -> float | None:
+    rows = run.read_metrics("val")
+    return rows[-1]["val_loss"] if rows else None
+
+
+def _progress(cfg: Config, start: int):
+    if not cfg.train.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
 
 
 class MetricLogger:

@@ -5,7 +5,7 @@ activations (PolyCom) and keyed ones (stochastic) fit the same slot as ReLU. A m
 `takes_context = True` is called as `act(u, ctx)` with the block's MixerContext (positions and
 global sample indices); every other one as `act(u)` (see `activate`). A module with a
 `relu_finetune` attribute is switched to ReLU by the Swi+FT / StochA+FT schedule
-(train/activation_schedule.py).
+(train/callbacks/activation_schedule.py).
 
 One technique per file: PolyReLU / PolyNorm in `polycom.py`, StochA in `stochastic.py`, the
 switchable SiLU of the ReLU fine-tune in `relu_finetune.py`.

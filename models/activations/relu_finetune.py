@@ -2,7 +2,7 @@
 
 Activations that the schedule may switch carry a plain `relu_finetune` attribute: while it is
 True they compute ReLU, in training and in eval. It is not a buffer and not saved: the
-schedule (train/activation_schedule.py) sets it from (step, config) before every step, so a
+schedule (train/callbacks/activation_schedule.py) sets it from (step, config) before every step, so a
 resumed run switches at the same step without any state.
 """
 from __future__ import annotations

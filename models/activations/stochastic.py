@@ -22,7 +22,7 @@ depend on its positions only, never on how requests were batched.
 Granularity (`model.ffn.stochastic.granularity`): `element` (default: one draw per hidden unit,
 the only one that gives a per-unit gradient through u < 0), `token` (one draw per token, shared
 by the F hidden units), `call` (one draw per layer per training step, shared by all tokens,
-micro-batches and ranks; keyed by the step that train/activation_schedule.py sets, 0 otherwise).
+micro-batches and ranks; keyed by the step that train/callbacks/activation_schedule.py sets, 0 otherwise).
 
 Eval (`eval_mode`): relu (the sparse deployment path, default), silu, or stochastic (the
 diversity mode) -- never random by accident. `relu_finetune` (set by the schedule) forces ReLU
@@ -150,7 +150,7 @@ class StochasticActivation(nn.Module):
         self.set_train_step(0)
 
     def set_train_step(self, step: int) -> None:
-        """The training step (set by train/activation_schedule.py before each step): it keys the
+        """The training step (set by train/callbacks/activation_schedule.py before each step): it keys the
         `call` draw, decided here on the host so forward reads one bool (no device sync, and at
         most two torch.compile variants)."""
         self.step = step

@@ -63,6 +63,6 @@ def fresh_run(trained_run, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def model_and_tok(trained_run):
     from train.data import load_tokenizer
-    from train.generate import load_model
+    from train.runtime import load_model
     model, cfg, _ = load_model(trained_run, "latest")
     return model, load_tokenizer(trained_run / "tokenizer")

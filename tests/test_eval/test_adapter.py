@@ -82,7 +82,7 @@ def _reference_greedy(model, lm: AblateLM, ctx: str, n: int, max_ctx: int) -> li
 def random_model(trained_run):
     """Untrained weights: varied argmax tokens (16 training steps mostly predict spaces)."""
     import models
-    from train.generate import load_run_config
+    from train.runtime import load_run_config
     torch.manual_seed(1)
     return models.Decoder(load_run_config(trained_run).model).eval()
 

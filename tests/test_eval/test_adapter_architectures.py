@@ -32,7 +32,7 @@ def _model(trained_run, overrides: dict):
     import models
     from models.config import ModelConfig
     from models.schema import build, validate_tree
-    from train.generate import load_run_config
+    from train.runtime import load_run_config
 
     raw = copy.deepcopy(load_run_config(trained_run).to_dict()["model"])
     for k, v in overrides.items():

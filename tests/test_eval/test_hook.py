@@ -19,7 +19,7 @@ HOOK = {"eval__every": 8, "eval__tasks": ["ablate_val_ppl"], "eval__limit": 2}
 
 
 def test_hook_leaves_state_and_logs(fresh_run, eval_dict, model_and_tok):
-    from train.generate import load_model
+    from train.runtime import load_model
     model, _, step = load_model(fresh_run, "latest")
     cfg = make_cfg(eval_dict, **HOOK)
     assert not eval_due(cfg, 3) and eval_due(cfg, 8) and eval_due(cfg, cfg.train.steps)
@@ -42,10 +42,12 @@ def test_hook_leaves_state_and_logs(fresh_run, eval_dict, model_and_tok):
 
 
 def test_training_with_hook_has_same_losses(trained_run, eval_dict, tmp_path):
-    """Needs the hook call in train/trainer.py (see docs/eval.md, "In-training evaluation")."""
+    """The InTrainingEval callback, handed to the trainer as the CLI does (train.cli.run_callbacks)."""
+    from train.cli import run_callbacks
     from train.trainer import train
     run_dir = tmp_path / "hooked"
-    assert train(make_cfg(eval_dict, **HOOK), run_dir).status == "done"
+    cfg = make_cfg(eval_dict, **HOOK)
+    assert train(cfg, run_dir, callbacks=run_callbacks(cfg)).status == "done"
     assert [r["loss"] for r in train_rows(run_dir)] == [r["loss"] for r in train_rows(trained_run)]
     assert [r["val_loss"] for r in train_rows(run_dir, "val")] == [r["val_loss"] for r in train_rows(trained_run, "val")]
     assert sorted({r["step"] for r in train_rows(run_dir, "eval")}) == [8, 16]
@@ -60,7 +62,7 @@ from lm_eval.api.instance import Instance
 from eval.adapter import AblateLM
 from eval.hook import run_in_training_eval
 from train.data import load_tokenizer
-from train.generate import load_model
+from train.runtime import load_model
 from train.rundir import RunDir
 
 run_dir, out = sys.argv[1], sys.argv[2]

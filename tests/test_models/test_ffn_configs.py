@@ -8,7 +8,7 @@ from ablate_testing import REPO
 
 import models
 from models.flops import count_params
-from train.activation_schedule import relu_switch_step
+from train.callbacks.activation_schedule import relu_switch_step
 from train.config import flatten, load_config
 from train.params import arms_report, params_report
 

@@ -20,7 +20,7 @@ Mixer keys are named by kind, not by letter (the letter is the user's choice):
 `layers.mixers[attention].window` is tested as `layers.mixers.A.window` with letter A of that kind.
 
 Each model is run as the trainer runs it at the last step of a 10-step run
-(`train.activation_schedule.apply_activation_schedule`, so `ffn.relu_finetune_frac` is exercised),
+(`train.callbacks.activation_schedule.apply_activation_schedule`, so `ffn.relu_finetune_frac` is exercised),
 in train mode and in eval mode (so `ffn.stochastic.eval_mode` is), with two documents per row
 (so `doc_mask` is).
 """
@@ -41,7 +41,7 @@ import models
 from models.config import ModelConfig, ParamConfig, model_config
 from models.ffn import GLU_GATES
 from models.registry import ACTIVATIONS, FFNS, MEMORIES, MIXERS, NORMS, PARAMETERIZATIONS, ConfigError
-from train.activation_schedule import apply_activation_schedule
+from train.callbacks.activation_schedule import apply_activation_schedule
 
 # ----------------------------------------------------------------------------- the base model
 BASE: dict[str, Any] = {

@@ -91,7 +91,7 @@ def test_consolidate_equals_live_model(setup, stage, tmp_path):
     assert proc.returncode == 0, proc.stderr
     import models
     from train.data import prepare_data, val_batches
-    from train.generate import load_run_config
+    from train.runtime import load_run_config
     from train.trainer import evaluate_loss
     cfg = load_run_config(run)
     data = prepare_data(cfg, progress=False)
@@ -117,8 +117,7 @@ def test_other_world_size_and_backend_are_refused(setup, tmp_path):
 
 def test_nonfinite_loss_is_skipped(setup, tmp_path):
     run = tmp_path / "skip"
-    code, out = torchrun(setup, run, *ds(2), "train.steps=5", "checkpoint.every=0",
-                         env={"ABLATE_TEST_NAN_STEPS": "3"})
+    code, out = torchrun(setup, run, *ds(2), "train.steps=5", "checkpoint.every=0", nan_steps="3")
     assert code == 0, out
     assert [e["step"] for e in train_rows(run, "event") if e["event"] == "skip_nonfinite"] == [3]
     rows = train_rows(run)

@@ -106,7 +106,7 @@ def test_consolidate_equals_sharded_model(setup, fsdp_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     import models
     from train.data import prepare_data, val_batches
-    from train.generate import load_run_config
+    from train.runtime import load_run_config
     from train.trainer import evaluate_loss
     cfg = load_run_config(fsdp_run)
     model = models.Decoder(cfg.model)
@@ -156,12 +156,11 @@ def test_killed_rank_then_resume(setup, tmp_path):
 
 def test_nonfinite_skip_and_halt_under_two_ranks(setup, tmp_path):
     run = tmp_path / "skip"
-    code, out = torchrun(setup, run, "parallel.backend=ddp", env={"ABLATE_TEST_NAN_STEPS": "3"})
+    code, out = torchrun(setup, run, "parallel.backend=ddp", nan_steps="3")
     assert code == 0, out
     assert [e["step"] for e in train_rows(run, "event") if e["event"] == "skip_nonfinite"] == [3]
     run = tmp_path / "halt"
-    code, out = torchrun(setup, run, "parallel.backend=ddp", "train.nonfinite=halt",
-                         env={"ABLATE_TEST_NAN_STEPS": "3"})
+    code, out = torchrun(setup, run, "parallel.backend=ddp", "train.nonfinite=halt", nan_steps="3")
     assert code != 0
     assert "non-finite" in (run / "FAILED").read_text()
 

@@ -16,13 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ablate_testing import copy_run, make_cfg, train_rows
+from train.cli import run_callbacks
 from train.config import resolve_config
 
 import models
 from models.config import model_config
-from train.activation_schedule import (apply_activation_schedule, apply_checkpoint_activation,
+from train.callbacks.activation_schedule import (apply_activation_schedule, apply_checkpoint_activation,
                                        relu_finetune_active, relu_switch_step)
-from train.sparsity import ffn_sparsity, ffn_sparsity_row, format_sparsity, sparsity_probe
+from eval.probes.sparsity import ffn_sparsity, ffn_sparsity_row, format_sparsity, sparsity_probe
 
 V = 59
 
@@ -198,7 +199,8 @@ ALPHA = 0.25        # 12 steps -> ReLU from 0-based step 9: logged train rows 10
 def ft_run(tmp_path_factory, tiny_dict) -> Path:
     from train.trainer import train
     run_dir = tmp_path_factory.mktemp("ffn") / "swi_ft"
-    result = train(make_cfg(tiny_dict, model__ffn__relu_finetune_frac=ALPHA), run_dir)
+    cfg = make_cfg(tiny_dict, model__ffn__relu_finetune_frac=ALPHA)
+    result = train(cfg, run_dir, callbacks=run_callbacks(cfg))       # with the sparsity probe
     assert result.status == "done"
     return run_dir
 
@@ -225,7 +227,8 @@ def test_switch_survives_resume(ft_run, tmp_path, tiny_dict):
         for step in (12, 8) if ckpt_step == 4 else (12,):
             shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
         (run / "DONE").unlink()
-        assert train(make_cfg(tiny_dict, model__ffn__relu_finetune_frac=ALPHA), run).status == "done"
+        cfg = make_cfg(tiny_dict, model__ffn__relu_finetune_frac=ALPHA)
+        assert train(cfg, run, callbacks=run_callbacks(cfg)).status == "done"
         assert losses(run) == losses(ft_run)            # bit-for-bit, the switch included
         events = [e for e in train_rows(run, "event") if e["event"] == "activation_switch"]
         assert [e["step"] for e in events] == [9]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ablate_testing import REPO, copy_run, make_cfg, subprocess_env, train_rows, wait_for, write_config
+from ablate_testing import REPO, copy_run, make_cfg, subprocess_env, train_rows, wait_for, with_nan, write_config
 
 from models.registry import ConfigError
 from train import checkpoint as ckpt
@@ -106,14 +106,14 @@ def test_muon_trains(tmp_path, tiny_dict):
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
 
 
-def test_nonfinite_skip_leaves_parameters_unchanged(tmp_path, tiny_dict, monkeypatch):
-    monkeypatch.setenv("ABLATE_TEST_NAN_STEPS", "3")
+def test_nonfinite_skip_leaves_parameters_unchanged(tmp_path, tiny_dict):
     run = tmp_path / "nan"
-    result = train(make_cfg(tiny_dict, train__steps=4, checkpoint__every=1), run)
+    cfg = make_cfg(tiny_dict, train__steps=4, checkpoint__every=1)
+    result = train(cfg, run, callbacks=with_nan(cfg, {3}))
     assert result.status == "done"
     skips = [e for e in train_rows(run, "event") if e["event"] == "skip_nonfinite"]
     assert [e["step"] for e in skips] == [3]
-    from train.generate import load_model
+    from train.runtime import load_model
     m2, _, _ = load_model(run, 2)
     m3, _, _ = load_model(run, 3)
     m4, _, _ = load_model(run, 4)
@@ -121,18 +121,18 @@ def test_nonfinite_skip_leaves_parameters_unchanged(tmp_path, tiny_dict, monkeyp
     assert not all(torch.equal(a, b) for a, b in zip(m3.parameters(), m4.parameters()))
 
 
-def test_nonfinite_halt_marks_failed(tmp_path, tiny_dict, monkeypatch):
-    monkeypatch.setenv("ABLATE_TEST_NAN_STEPS", "2")
+def test_nonfinite_halt_marks_failed(tmp_path, tiny_dict):
     run = tmp_path / "halt"
+    cfg = make_cfg(tiny_dict, train__steps=4, train__nonfinite="halt")
     with pytest.raises(FloatingPointError):
-        train(make_cfg(tiny_dict, train__steps=4, train__nonfinite="halt"), run)
+        train(cfg, run, callbacks=with_nan(cfg, {2}))
     failed = (run / "FAILED").read_text()
     assert "non-finite" in failed.splitlines()[0] and "step 2" in failed
 
 
 def test_crash_during_save_keeps_previous_checkpoint(finished_run, tmp_path, monkeypatch):
     run = copy_run(finished_run, tmp_path / "run")
-    from train.generate import load_model
+    from train.runtime import load_model
     model, _, _ = load_model(run)
 
     def boom(*args, **kwargs):
@@ -258,11 +258,11 @@ def test_stop_before_the_first_step_then_resume_is_exact(finished_run, tmp_path,
     assert losses(run) == losses(finished_run)
 
 
-def test_metrics_are_strict_json_with_nonfinite_values(tmp_path, tiny_dict, monkeypatch):
+def test_metrics_are_strict_json_with_nonfinite_values(tmp_path, tiny_dict):
     import json
-    monkeypatch.setenv("ABLATE_TEST_NAN_STEPS", "2")
     run = tmp_path / "json"
-    train(make_cfg(tiny_dict, train__steps=3, checkpoint__every=0), run)
+    cfg = make_cfg(tiny_dict, train__steps=3, checkpoint__every=0)
+    train(cfg, run, callbacks=with_nan(cfg, {2}))
 
     def refuse(name):
         raise ValueError(f"non-JSON constant {name}")

@@ -7,38 +7,27 @@ switch, `model.ffn.stochastic.eval_mode` for StochA before it. Layers without an
 (fused_linear, memory layers) report None.
 
 - `ffn_sparsity(model, batches)`: per-layer fractions for some batches.
-- `ffn_sparsity_row(...)`: the `probe` row the trainer logs after validation.
+- `ffn_sparsity_row(...)`: the `probe` row logged after each validation (`SparsityProbe`, a
+  callback the composition root hands to the trainer).
 - `sparsity_probe(run_dir, step)`: the same for a saved checkpoint on the run's validation
   batches (`ablate probe RUN_DIR [--step N]`); `format_sparsity` prints it.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
 
-
-def _decoder(model: nn.Module) -> nn.Module:
-    """The Decoder inside DDP / torch.compile / other wrappers (FSDP2 keeps the module itself)."""
-    for module in model.modules():
-        if isinstance(getattr(module, "blocks", None), nn.ModuleList) and hasattr(module, "cfg"):
-            return module
-    raise TypeError(f"{type(model).__name__} contains no decoder with `blocks`")
+from train.callbacks import Callback, TrainState
+from train.runtime import autocast as default_autocast
+from train.runtime import unwrap
 
 
 def ffn_activations(model: nn.Module) -> list[nn.Module | None]:
     """Each layer's FFN activation module (None where the FFN has none)."""
-    return [getattr(block.ffn, "act", None) for block in _decoder(model).blocks]
-
-
-def _default_autocast(device: torch.device) -> Callable[[], ContextManager]:
-    """The trainer's single-device precision: bf16 autocast on CUDA, none on CPU."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    return [getattr(block.ffn, "act", None) for block in unwrap(model).blocks]
 
 
 @torch.no_grad()
@@ -51,11 +40,11 @@ def ffn_sparsity(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     the precision context (default: bf16 on CUDA). Under FSDP every rank must call this with
     the same batches. The model's train/eval mode is restored afterwards.
     """
-    decoder = _decoder(model)
+    decoder = unwrap(model)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    autocast = autocast or _default_autocast(device)
+    autocast = autocast or (lambda: default_autocast(device))
     acts = ffn_activations(model)
     zeros = [torch.zeros((), dtype=torch.int64, device=device) for _ in acts]
     counts = [0 for _ in acts]
@@ -122,12 +111,10 @@ def sparsity_probe(run_dir: str | Path, step: int | str | None = "latest", n_bat
     The model gets the activation its last update trained with (the ReLU fine-tune switch
     included); n_batches defaults to `train.val_batches`.
     """
-    from train.activation_schedule import apply_checkpoint_activation
     from train.data import DataError, prepare_data, val_batches
-    from train.generate import load_model
+    from train.runtime import load_model
 
-    model, cfg, found = load_model(run_dir, step, device)
-    apply_checkpoint_activation(model, found, cfg)
+    model, cfg, found = load_model(run_dir, step, device)      # with its last update's activation
     data = prepare_data(cfg, progress=False)
     batches = val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch, n_batches or cfg.train.val_batches)
     if not batches:
@@ -148,3 +135,14 @@ def format_sparsity(report: dict[str, Any]) -> str:
     mean = report["mean"]
     lines.append("  mean:      " + ("-" if mean is None else f"{mean:.4f}"))
     return "\n".join(lines)
+
+
+class SparsityProbe(Callback):
+    """After each validation: the FFN sparsity `probe` row on the first validation batch."""
+
+    name = "ffn_sparsity"
+
+    def on_validation(self, state: TrainState, val: dict[str, Any]) -> None:
+        row = ffn_sparsity_row(state.model, state.val_batches[:1], state.step, state.device, state.backend.autocast)
+        if row is not None:
+            state.log(row)

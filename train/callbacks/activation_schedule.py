@@ -7,8 +7,9 @@ and so do evaluation and the saved model after them. The switch step is computed
 decimal arithmetic (alpha as written in the config), so alpha = 0.1 with S = 10 switches at 9,
 not at a float-rounded 8.
 
-Nothing is stored: the trainer calls `apply_activation_schedule(model, step, cfg)` before each
-step's forward, so a resumed run (a freshly built model) switches at exactly the same step.
+Nothing is stored: the `ActivationSchedule` callback calls `apply_activation_schedule(model, step,
+cfg)` before each step's forward, so a resumed run (a freshly built model) switches at exactly
+the same step.
 If `train.steps` is changed on resume, the switch step moves with it, like the LR schedule.
 
 The same call hands the step to stochastic activations, whose `call` granularity is keyed by it.
@@ -20,6 +21,8 @@ from fractions import Fraction
 from typing import Any
 
 from torch import nn
+
+from train.callbacks import Callback, TrainState, register_callback
 
 
 def relu_switch_step(steps: int, frac: float) -> int | None:
@@ -64,3 +67,19 @@ def apply_checkpoint_activation(model: nn.Module, checkpoint_step: int, cfg: Any
     generation): the activation its last update ran with, i.e. that of 0-based step
     checkpoint_step - 1 (what the trainer's own validation at that step used)."""
     apply_activation_schedule(model, max(checkpoint_step - 1, 0), cfg)
+
+
+class ActivationSchedule(Callback):
+    """Applies the schedule before every step and logs the switch as an event."""
+
+    def on_step_start(self, state: TrainState) -> None:
+        event = apply_activation_schedule(state.model, state.step, state.cfg)
+        if event is not None:
+            state.log(event)
+
+
+@register_callback("activation_schedule")
+def _activation_schedule(cfg: Any) -> ActivationSchedule | None:
+    """Active when the FFN's activations can switch or are keyed by the step (stochastic)."""
+    ffn = cfg.model.ffn
+    return ActivationSchedule() if ffn.relu_finetune_frac > 0 or ffn.activation == "stochastic" else None

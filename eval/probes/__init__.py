@@ -1,0 +1,2 @@
+"""Probes: measurements of a model beyond its loss, in the loop (as callbacks) and offline
+(`ablate probe`)."""
