@@ -19,11 +19,12 @@ from models.config import ModelConfig
 from models.context import LossTerm, MixerContext, ModelOutput, add_losses
 from models.loss import head_loss
 from models.norms import build_norm
+from models.parallel_plan import ParallelPlan, collect_hints
 from models.parameterization import build_parameterization
 from models.registry import ConfigError
 from models.rope import RotaryEmbedding
-from models.tags import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, OUTPUT_HEAD,
-                         param_specs, retag, tag_linear)
+from models.init import init_parameters, plain_name
+from models.tags import EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, OUTPUT_HEAD, retag, tag_linear
 
 
 class DecodeCache:
@@ -35,7 +36,9 @@ class DecodeCache:
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, init_seed: int = 0):
+        """init_seed: every parameter is drawn from a generator seeded by (init_seed, its name);
+        the trainer passes the run's `seed`. Under `torch.device("meta")` nothing is drawn."""
         super().__init__()
         if cfg.vocab_size is None:
             raise ConfigError("model.vocab_size", "must be resolved (from the tokenizer) before building the model")
@@ -52,36 +55,39 @@ class Decoder(nn.Module):
         if not cfg.tie_embeddings:
             self.head = tag_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False), weight=OUTPUT_HEAD)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.reset_parameters()
+        self.init_seed = init_seed
+        self.init_weights()
 
-    @torch.no_grad()
+    def init_weights(self, device: torch.device | str | None = None) -> None:
+        """Initialise every parameter from its TagSpec and (init_seed, its name), and rebuild the
+        RoPE tables (on `device`). After `to_empty()` of a meta-device build this reproduces a
+        direct build bit for bit; on FSDP2 shards each rank keeps its slice (models/init.py)."""
+        self.rope.reset(device=device)
+        init_parameters(self, self.param, self.init_seed)
+
     def reset_parameters(self) -> None:
-        """Init every parameter as its TagSpec says.
+        """nn.Module convention: the same as init_weights()."""
+        self.init_weights()
 
-        `normal`: N(0, std) with the parameterization's std for the spec (residual output
-        projections may be scaled down); `zeros` / `ones`: filled; `module`: the owning module's
-        own `reset_parameters()` (a stock nn.LayerNorm or depthwise conv keeps its init), run
-        before the other rules so those still apply to the module's other parameters.
-        """
-        specs = param_specs(self)        # also fails on an untagged parameter or unknown tag
+    def parallel_plan(self) -> ParallelPlan:
+        """Each block is a checkpoint / compile / FSDP2 unit; the last block stays unsharded after
+        forward (the root's backward all-gather would reshard it at once); modules' own
+        `parallel_hint`s (models/parallel_plan.py) are folded in."""
+        blocks = [f"blocks.{i}" for i in range(len(self.blocks))]
+        plan = ParallelPlan(units=list(blocks), checkpointable=list(blocks), compiled=list(blocks),
+                            reshard_after_forward={blocks[-1]: False})
+        return collect_hints(self, plan)
+
+    def init_from_aliases(self) -> dict[str, str]:
+        """{parameter name: checkpoint key} for parameters that `init_from` should fill from a
+        differently named checkpoint entry, gathered from modules' `checkpoint_aliases` dicts
+        (names relative to the module), e.g. a duplicated norm copying the gain it was split from."""
+        out = {}
         for name, module in self.named_modules():
-            own = [(pname, p, specs.get(f"{name}.{pname}" if name else pname))
-                   for pname, p in module.named_parameters(recurse=False)]
-            own = [(pname, p, spec) for pname, p, spec in own if spec is not None]   # tied: init once
-            if any(spec.init == "module" for _, _, spec in own):
-                if not hasattr(module, "reset_parameters"):
-                    names = [f"{name}.{pname}" for pname, _, spec in own if spec.init == "module"]
-                    raise TypeError(f"{type(module).__name__} ({name}) owns {', '.join(names)} with init: "
-                                    "module but has no reset_parameters()")
-                module.reset_parameters()
-            for _, p, spec in own:
-                if spec.init == "normal":
-                    std = self.param.init_std(spec, getattr(module, "is_residual_out", False))
-                    nn.init.normal_(p, mean=0.0, std=std)
-                elif spec.init == "zeros":
-                    nn.init.zeros_(p)
-                elif spec.init == "ones":
-                    nn.init.ones_(p)
+            for new, old in getattr(module, "checkpoint_aliases", {}).items():
+                prefix = f"{plain_name(name)}." if name else ""
+                out[prefix + new] = prefix + old
+        return out
 
     def new_cache(self) -> DecodeCache:
         return DecodeCache([block.mixer.new_cache() for block in self.blocks])

@@ -26,6 +26,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -236,12 +237,82 @@ def consolidate(path: Path, out: Path) -> dict[str, Any]:
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Model weights only (init_from, generate, eval): the optimizer part is never read."""
     if is_deepspeed(path):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
         set_model_state_dict(model, _deepspeed_model_state(path), options=StateDictOptions(full_state_dict=True))
         return
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The model keys of a checkpoint and their shapes (DCP: from its metadata, no tensor read)."""
+    if is_deepspeed(path):
+        return {k: tuple(v.shape) for k, v in _deepspeed_model_state(path).items()}
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    return {k[len("model."):]: tuple(md.size) for k, md in meta.state_dict_metadata.items()
+            if k.startswith("model.") and hasattr(md, "size")}
+
+
+def init_from_checkpoint(path: Path, model: nn.Module, allow_new: list[str] | tuple[str, ...] = (),
+                         allow_unused: list[str] | tuple[str, ...] = (),
+                         aliases: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """`init_from`: load a checkpoint's weights into `model` (plain or FSDP2-sharded: a DCP load
+    of each rank's shards), across architecture changes.
+
+    Every model key takes the checkpoint entry of the same name, or of its alias (`aliases`:
+    model key -> checkpoint key, e.g. a duplicated norm copying the gain it was split from).
+    Model keys matching an `allow_new` glob may be absent (they keep their fresh init);
+    checkpoint keys matching an `allow_unused` glob may go unused (a removed module). Anything
+    else missing or unused, and any shape mismatch, is a ConfigError listing every culprit,
+    raised before anything is loaded. Returns {"new": [...], "unused": [...]} for the event row.
+    """
+    from fnmatch import fnmatchcase
+
+    aliases = aliases or {}
+    mine = get_model_state_dict(model)
+    theirs = checkpoint_shapes(path)
+    sources: dict[str, str] = {}
+    new, missing, mismatched = [], [], []
+    for key, t in mine.items():
+        src = aliases.get(key, key)
+        if src in theirs:
+            if tuple(t.shape) != theirs[src]:
+                mismatched.append(f"{key}: {tuple(t.shape)} in the model, {theirs[src]} in the checkpoint"
+                                  + (f" (as {src})" if src != key else ""))
+            else:
+                sources[key] = src
+        elif any(fnmatchcase(key, g) for g in allow_new):
+            new.append(key)
+        else:
+            missing.append(key)
+    unused = sorted(set(theirs) - set(sources.values()))
+    unexpected = [k for k in unused if not any(fnmatchcase(k, g) for g in allow_unused)]
+    if mismatched or missing or unexpected:
+        parts = []
+        if mismatched:
+            parts.append("shape mismatches (never allowed):\n    " + "\n    ".join(mismatched))
+        if missing:
+            parts.append("model parameters missing from the checkpoint (allow fresh init with "
+                         "init_from_allow_new: [glob, ...]):\n    " + "\n    ".join(missing))
+        if unexpected:
+            parts.append("checkpoint entries the model does not use (allow with init_from_allow_unused: "
+                         "[glob, ...]):\n    " + "\n    ".join(unexpected))
+        raise ConfigError("init_from", f"cannot initialise from {path}:\n  " + "\n  ".join(parts))
+
+    if is_deepspeed(path):
+        full = _deepspeed_model_state(path)
+        set_model_state_dict(model, {k: full[src] for k, src in sources.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        by_src: dict[str, list[str]] = {}
+        for key, src in sources.items():
+            by_src.setdefault(src, []).append(key)
+        dcp.load({"model": {src: mine[keys[0]] for src, keys in by_src.items()}}, checkpoint_id=str(path))
+        for keys in by_src.values():          # one checkpoint entry feeding several parameters
+            for key in keys[1:]:
+                mine[key].copy_(mine[keys[0]])
+        set_model_state_dict(model, mine, options=StateDictOptions(strict=False))
+    return {"new": new, "unused": unused}
 
 
 def prune(ckpt_root: Path, keep_last: int, keep_every: int = 0) -> list[Path]:

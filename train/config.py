@@ -269,6 +269,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     init_from: str | None = None   # RUN_DIR or checkpoint dir: weights only (fresh optimizer and data order)
+    init_from_allow_new: list[str] = field(default_factory=list)     # globs of parameters init_from may
+                                    # leave to fresh init (new modules)
+    init_from_allow_unused: list[str] = field(default_factory=list)  # globs of checkpoint keys init_from
+                                    # may ignore (removed modules)
     branch_from: str | None = None  # RUN_DIR or checkpoint dir: the full state (optimizer, data position,
                                     # RNG, step), e.g. a WSD decay branch off a stable-phase checkpoint
     name: str | None = None        # the run's name (default: the config file's stem)
@@ -276,6 +280,8 @@ class Config:
     def validate(self, path: str = "") -> None:
         require(not (self.init_from and self.branch_from), "branch_from",
                 "set init_from (weights only) or branch_from (full state), not both")
+        for key in ("init_from_allow_new", "init_from_allow_unused"):
+            require(not getattr(self, key) or self.init_from, key, "only applies with init_from")
         require(not (self.train.log_group_norms and self.parallel.backend == "deepspeed"), "train.log_group_norms",
                 "not available with parallel.backend=deepspeed (ZeRO owns the flattened gradients)")
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",

@@ -1,8 +1,12 @@
 """Process groups and parallel backends (`parallel.backend: none | ddp | fsdp2 | deepspeed`).
 
-The trainer loop is the same for every backend: a `Backend` wraps the model (activation
-checkpointing -> torch.compile per block -> DDP or FSDP2), tells the loop how to skip gradient
-sync on non-final micro-batches, and provides the collectives the loop needs (token counts,
+The trainer loop is the same for every backend: a `Backend` builds the model and applies
+parallelism from the model's own plan (`apply_parallelism`: activation checkpointing ->
+torch.compile per block -> FSDP2 units, then DDP around it for ddp). FSDP2 builds on the meta
+device and materialises one parameter at a time, each rank keeping its shard; none / ddp build
+directly; DeepSpeed builds directly and ZeRO-3 partitions in `deepspeed.initialize` (building
+under `deepspeed.zero.Init` is not done: each rank holds the full model once, at start). It tells
+the loop how to skip gradient sync on non-final micro-batches, and provides the collectives the loop needs (token counts,
 losses, stop agreement). Model code stays single-device. Checkpoints go through DCP's
 `get_state_dict` / `set_state_dict`, which see through every wrapper, so the saved keys are the
 plain model's and a run can resume under another backend or world size.
@@ -23,7 +27,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -113,14 +117,11 @@ class Backend:
         self.cfg, self.info, self.device = cfg, info, device
 
     # -- model wrapping ------------------------------------------------------------
-    def wrap(self, model: nn.Module) -> nn.Module:
-        pcfg = self.cfg.parallel
-        if pcfg.activation_checkpointing != "none":
-            every = 1 if pcfg.activation_checkpointing == "full" else pcfg.ac_every
-            apply_activation_checkpointing(model, every)
-        if pcfg.compile:
-            for block in model.blocks:
-                block.compile()
+    def build(self, make_model: Callable[[], nn.Module]) -> nn.Module:
+        """The model the loop trains: built directly on the device (initialised there from its
+        seed), then activation checkpointing and compile from its plan, then the wrapper."""
+        model = make_model().to(self.device)
+        apply_parallelism(model, self.cfg.parallel)
         return self._wrap(model)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -205,13 +206,44 @@ class Backend:
         """Release backend state before the process group goes down."""
 
 
-def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
-    """Wrap blocks 0, every, 2 every, ... in torch's checkpoint_wrapper (non-reentrant): their
-    activations are recomputed in backward. Parameter names gain a wrapper prefix that DCP
-    checkpoints strip, so checkpoints keep the plain model's keys."""
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1, names: list[str] | None = None) -> None:
+    """Wrap modules 0, every, 2 every, ... of `names` (default: the model plan's checkpointable
+    blocks) in torch's checkpoint_wrapper (non-reentrant): their activations are recomputed in
+    backward. Parameter names gain a wrapper prefix that DCP checkpoints strip, so checkpoints
+    keep the plain model's keys."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    for i in range(0, len(model.blocks), every):
-        model.blocks[i] = checkpoint_wrapper(model.blocks[i])
+    names = model.parallel_plan().checkpointable if names is None else names
+    for name in names[::every]:
+        _replace(model, name, checkpoint_wrapper(model.get_submodule(name)))
+
+
+def apply_parallelism(model: nn.Module, pcfg: Any, fsdp: dict[str, Any] | None = None) -> nn.Module:
+    """The one place parallelism is applied, in torchtitan's order, from the model's own plan
+    (`model.parallel_plan()`, models/parallel_plan.py): activation checkpointing, then torch.compile
+    per block, then FSDP2 (`fsdp`: fully_shard's mesh / policies; None: no sharding): each unit,
+    then the root, leaving out the parameters that shard themselves."""
+    plan = model.parallel_plan()
+    named = dict(model.named_parameters())
+    ignored = {named[n] for n in plan.ignored_params}
+    if pcfg.activation_checkpointing != "none":
+        every = 1 if pcfg.activation_checkpointing == "full" else pcfg.ac_every
+        apply_activation_checkpointing(model, every, plan.checkpointable)
+    if pcfg.compile:
+        for name in plan.compiled:
+            model.get_submodule(name).compile()
+    if fsdp is not None:
+        from torch.distributed.fsdp import fully_shard
+        extra = {"ignored_params": ignored} if ignored else {}
+        for name in sorted(plan.units, key=lambda n: -n.count(".")):     # nested units before their parents
+            fully_shard(model.get_submodule(name), **fsdp, **extra,
+                        reshard_after_forward=plan.reshard_after_forward.get(name, pcfg.reshard_after_forward))
+        fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **fsdp, **extra)
+    return model
 
 
 class DDPBackend(Backend):
@@ -220,7 +252,8 @@ class DDPBackend(Backend):
     def _wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # broadcast_buffers off: the only buffers (RoPE tables) follow from the config
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     @contextlib.contextmanager
     def grad_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
@@ -240,9 +273,21 @@ class FSDP2Backend(Backend):
             return torch.bfloat16 if self.device.type == "cuda" else torch.float32
         return _DTYPES[choice]
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
+    def build(self, make_model: Callable[[], nn.Module]) -> nn.Module:
+        """Built on the meta device, sharded from the plan, then materialised one parameter at a
+        time: each rank draws a parameter's full init on the CPU from (seed, name) and keeps only
+        its shard (models/init.py), so no rank ever holds the full model."""
+        with torch.device("meta"):
+            model = make_model()
+        apply_parallelism(model, self.cfg.parallel, self._fsdp_kwargs())
+        # CPU offload keeps the sharded parameters on the CPU; buffers live on the compute device
+        model.to_empty(device="cpu" if self.cfg.parallel.cpu_offload else self.device)
+        model.init_weights(device=self.device)
+        return model
+
+    def _fsdp_kwargs(self) -> dict[str, Any]:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
         pcfg = self.cfg.parallel
         world = self.info.world_size
@@ -263,12 +308,7 @@ class FSDP2Backend(Backend):
                 raise ConfigError("parallel.cpu_offload", "offloads GPU parameters to the CPU: it needs "
                                                           "device=cuda (training on the CPU already keeps them there)")
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        for i, block in enumerate(model.blocks):
-            # the last block is resharded by the root's own all-gather: keep it unsharded
-            last = i == len(model.blocks) - 1
-            fully_shard(block, reshard_after_forward=pcfg.reshard_after_forward and not last, **kwargs)
-        fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)
-        return model
+        return kwargs
 
     def autocast(self):
         return contextlib.nullcontext()       # FSDP2's MixedPrecisionPolicy casts parameters itself

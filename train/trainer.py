@@ -199,11 +199,6 @@ def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device, doc_mask:
             "sample_index": batch["indices"].to(device)}
 
 
-def build_model(cfg: Config, device: torch.device) -> models.Decoder:
-    torch.manual_seed(cfg.seed)
-    return models.Decoder(cfg.model).to(device)
-
-
 def train_device(cfg: Config, info: DistInfo) -> torch.device:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -258,10 +253,13 @@ class Trainer:
         if cfg.model.vocab_size is None:
             resolve_config(cfg)
         seed_everything(cfg.seed)
-        model = self.backend.wrap(build_model(cfg, self.device))
+        model = self.backend.build(lambda: models.Decoder(cfg.model, init_seed=cfg.seed))
         optimizer = build_optimizer(model, cfg)
-        if init_from:                  # into the plain model, before any engine wraps it
-            ckpt.load_model_weights(_checkpoint_dir(init_from, "init_from"), model)
+        self.init_report = None
+        if init_from:                  # into the built (FSDP2: sharded) model, before any engine wraps it
+            self.init_report = ckpt.init_from_checkpoint(
+                _checkpoint_dir(init_from, "init_from"), model, cfg.init_from_allow_new, cfg.init_from_allow_unused,
+                unwrap(model).init_from_aliases())
         self.model = self.backend.setup(model, optimizer, self.accum)
         self.optimizer = optimizer
         self.group_stats = GroupStats(optimizer) if cfg.train.log_group_norms else None
@@ -326,7 +324,8 @@ class Trainer:
                           "step": state.step, "checkpoint": str(source), "world_size": info.world_size})
             else:
                 if cfg.init_from:
-                    self.log({"kind": "event", "event": "init_from", "step": 0, "source": cfg.init_from})
+                    self.log({"kind": "event", "event": "init_from", "step": 0, "source": cfg.init_from,
+                              **(self.init_report or {})})
                 self.log({"kind": "event", "event": "data", "step": 0, "train_tokens": int(len(data.train.tokens)),
                           "val_tokens": int(len(data.val.tokens)), "unigram_entropy": self.entropy,
                           "cache": data.cache_key})
