@@ -109,15 +109,32 @@ class MemoryConfig:
 
 @dataclass
 class ParamConfig:
-    kind: str = "sp"
-    base_width: int = 256
-    base_depth: int = 2
-    alpha: float = 1.0
+    """`model.param`: the parameterization (models/parameterization.py, models/mup.py)."""
+
+    kind: str = "sp"                  # sp | mup | completep
+    base_width: int = 256             # the d_model the hyperparameters were tuned at (mup, completep)
+    base_depth: int = 2               # the n_layers they were tuned at (completep)
+    alpha: float | None = None        # completep depth exponent; null: 1 (0.5: depth-muP)
+    input_mult: float = 1.0           # embedding multiplier (mup, completep)
+    output_mult: float = 1.0          # logit multiplier, divided by the width multiplier (mup, completep)
+    attn_scale: Literal["sqrt", "linear"] | None = None   # null: the kind's own (sp: sqrt, mup/completep: linear)
+    eps_scope: Literal["global", "hidden"] = "global"     # completep: which groups get AdamW eps scaling
 
     def validate(self, path: str) -> None:
         PARAMETERIZATIONS.check(self.kind, f"{path}.kind")
         require(self.base_width >= 1, f"{path}.base_width", f"must be >= 1, got {self.base_width}")
         require(self.base_depth >= 1, f"{path}.base_depth", f"must be >= 1, got {self.base_depth}")
+        if self.alpha is not None:
+            require(self.kind == "completep", f"{path}.alpha",
+                    f"the depth exponent applies to kind completep only (kind is {self.kind}); leave it null")
+            require(self.alpha >= 0, f"{path}.alpha", f"must be >= 0, got {self.alpha}")
+        for key in ("input_mult", "output_mult"):
+            value = getattr(self, key)
+            require(value > 0, f"{path}.{key}", f"must be > 0, got {value}")
+            require(self.kind != "sp" or value == 1.0, f"{path}.{key}",
+                    "applies to kind mup or completep (sp has no multipliers)")
+        require(self.eps_scope == "global" or self.kind == "completep", f"{path}.eps_scope",
+                "applies to kind completep only (the others do not scale AdamW's epsilon)")
 
 
 @dataclass
@@ -164,6 +181,8 @@ class ModelConfig:
             require(self.vocab_size >= 2, f"{path}.vocab_size", f"must be >= 2, got {self.vocab_size}")
         require(self.init_std > 0, f"{path}.init_std", f"must be > 0, got {self.init_std}")
         require(self.rope_theta > 0, f"{path}.rope_theta", f"must be > 0, got {self.rope_theta}")
+        require(not (self.residual_init_scaling and self.param.kind != "sp"), f"{path}.residual_init_scaling",
+                f"applies to param.kind sp only ({self.param.kind} scales the residual branches itself)")
         require(self.loss_chunk_tokens >= 0, f"{path}.loss_chunk_tokens",
                 f"must be >= 0 (0: no chunking), got {self.loss_chunk_tokens}")
 

@@ -1,9 +1,9 @@
 """Parameterizations (`model.param.kind`): init std, forward multipliers (residual branch,
 input embedding, output logits) and the per-spec optimizer rules the group builder applies.
 
-Only standard parameterization (SP) is registered here; muP and CompleteP register their own
-rules in the same interface (models/protocols.py `Parameterization`), reading each parameter's
-TagSpec (matrix, in_block, width_scaled), never its tag's name.
+Standard parameterization (SP) is registered here; muP and CompleteP (models/mup.py) register
+their own rules in the same interface (models/protocols.py `Parameterization`), reading each
+parameter's TagSpec role, never its tag's name.
 """
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ class StandardParam:
     def output_multiplier(self) -> float:
         return 1.0
 
+    def attention_scale(self, head_dim: int) -> float | None:
+        return attention_scale(self.cfg.param.attn_scale or "sqrt", head_dim, self.cfg.param.base_width / self.cfg.n_heads)
+
     def init_std(self, spec: TagSpec, residual_out: bool = False) -> float:
         std = self.cfg.init_std
         if residual_out and self.cfg.residual_init_scaling:
@@ -54,7 +57,20 @@ class StandardParam:
         return std
 
     def group_rule(self, spec: TagSpec) -> GroupRule:
-        return GroupRule(wd_mult=1.0 if (spec.matrix and spec.in_block) else 0.0)
+        """Weight decay on block matrices (hidden weights, tables) only; every lr and eps as set."""
+        if spec.role is None:
+            raise KeyError(f"tag '{spec.name}' has no role: SP has no rule for it (see models/tags.py ROLES)")
+        return GroupRule(wd_mult=1.0 if spec.role in ("hidden_weight", "table") else 0.0)
+
+
+def attention_scale(kind: str, head_dim: int, base_head_dim: float) -> float | None:
+    """The attention logit scale: None (SDPA's own 1/sqrt(d_h)) for `sqrt`; for `linear`
+    sqrt(d_base)/d_h, i.e. 1/d_h up to the constant that makes it 1/sqrt(d_h) at the base head
+    dim d_base = base_width / n_heads (None there, so the base shape computes exactly what the
+    default computes)."""
+    if kind == "sqrt" or head_dim == base_head_dim:
+        return None
+    return math.sqrt(base_head_dim) / head_dim
 
 
 def build_parameterization(cfg: ModelConfig):

@@ -84,6 +84,9 @@ class Parameterization(Protocol):
     def output_multiplier(self) -> float:
         """Multiplies the final hidden state before the LM head (muP: alpha_out / m_N)."""
 
+    def attention_scale(self, head_dim: int) -> float | None:
+        """The attention logit scale (None: 1/sqrt(head_dim), SDPA's default)."""
+
     def init_std(self, spec: TagSpec, residual_out: bool = False) -> float:
         """Std of the normal init for parameters whose spec says init: normal."""
 

@@ -18,6 +18,11 @@ from typing import Literal
 from torch import nn
 
 Init = Literal["normal", "zeros", "ones", "module"]
+# The parameter's row in the muP / CompleteP tables (models/mup.py): every parameterization has a
+# rule for every role, so a tag with a role is covered by all of them.
+Role = Literal["embedding", "hidden_weight", "hidden_bias", "hidden_norm", "final_norm", "readout", "table"]
+ROLES: tuple[str, ...] = ("embedding", "hidden_weight", "hidden_bias", "hidden_norm", "final_norm", "readout",
+                          "table")
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,11 @@ class TagSpec:
     init: `normal` draws N(0, std) with the parameterization's std for this spec; `zeros` /
     `ones` fill; `module` leaves it to the owning module's `reset_parameters()` (a stock
     nn.LayerNorm, a depthwise conv, a gain with its own rule). width_scaled: the
-    parameterization's width rules (muP / CompleteP init and LR scaling) apply to it.
+    parameterization's width rules (muP / CompleteP init and LR scaling) apply to it. role: its
+    row in the parameterization tables (ROLES): embedding, hidden_weight (block matrices),
+    hidden_bias (block biases and learnable scalars), hidden_norm (block norm gains / biases),
+    final_norm, readout (an untied LM head), table (a lookup table inside a block, e.g. memory
+    values). None: no rule yet, which the parameterization coverage test reports.
     """
 
     name: str
@@ -37,6 +46,7 @@ class TagSpec:
     muon_ok: bool         # Muon may update it (2-D hidden matrices)
     init: Init = "module"
     width_scaled: bool = False
+    role: Role | None = None
 
 
 _TAGS: dict[str, TagSpec] = {}
@@ -67,27 +77,27 @@ def registered_tags() -> list[str]:
 
 # The core kinds. Techniques register their own beside their code (e.g. memory layers' values).
 EMBEDDING = register_tag(TagSpec("embedding", matrix=True, in_block=False, matmul=False, muon_ok=False,
-                                 init="normal"))
+                                 init="normal", role="embedding"))
 HIDDEN_MATRIX = register_tag(TagSpec("hidden_matrix", matrix=True, in_block=True, matmul=True, muon_ok=True,
-                                     init="normal", width_scaled=True))
+                                     init="normal", width_scaled=True, role="hidden_weight"))
 HIDDEN_BIAS = register_tag(TagSpec("hidden_bias", matrix=False, in_block=True, matmul=False, muon_ok=False,
-                                   init="zeros"))
+                                   init="zeros", role="hidden_bias"))
 NORM_GAIN = register_tag(TagSpec("norm_gain", matrix=False, in_block=True, matmul=False, muon_ok=False,
-                                 init="ones"))
+                                 init="ones", role="hidden_norm"))
 NORM_BIAS = register_tag(TagSpec("norm_bias", matrix=False, in_block=True, matmul=False, muon_ok=False,
-                                 init="zeros"))
+                                 init="zeros", role="hidden_norm"))
 FINAL_NORM_GAIN = register_tag(TagSpec("final_norm_gain", matrix=False, in_block=False, matmul=False,
-                                       muon_ok=False, init="ones"))
+                                       muon_ok=False, init="ones", role="final_norm"))
 FINAL_NORM_BIAS = register_tag(TagSpec("final_norm_bias", matrix=False, in_block=False, matmul=False,
-                                       muon_ok=False, init="zeros"))
+                                       muon_ok=False, init="zeros", role="final_norm"))
 OUTPUT_HEAD = register_tag(TagSpec("output_head", matrix=True, in_block=False, matmul=True, muon_ok=False,
-                                   init="normal", width_scaled=True))
+                                   init="normal", role="readout"))   # its width rule: the output multiplier
 SCALAR = register_tag(TagSpec("scalar", matrix=False, in_block=True, matmul=False, muon_ok=False,
-                              init="module"))   # learnable scalars / coefficients with their module's init
+                              init="module", role="hidden_bias"))   # learnable scalars / coefficients with their module's init
 # Memory layers' value table (Memory Layers at Scale, arXiv 2412.09764): an embedding-bag lookup,
 # so not a matmul in the FLOP count; its own optimizer group (fixed base LR) by this spec.
 MEMORY_VALUE = register_tag(TagSpec("memory_value", matrix=True, in_block=True, matmul=False, muon_ok=False,
-                                    init="module"))
+                                    init="module", role="table"))
 
 
 def tag_linear(linear: nn.Linear, weight: TagSpec | str = HIDDEN_MATRIX,

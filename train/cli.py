@@ -103,6 +103,31 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(flag, f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise UsageError(flag, f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_coordcheck(args: argparse.Namespace) -> int:
+    from train.coordcheck import coordcheck, format_report, write_outputs
+    widths, depths = _int_list("--widths", args.widths), _int_list("--depths", args.depths)
+    if len(widths) == 1 or len(depths) == 1:
+        raise UsageError("--widths" if len(widths) == 1 else "--depths", "a slope needs at least two values (or none)")
+    if args.steps < 1:
+        raise UsageError("--steps", f"must be >= 1, got {args.steps}")
+    result = coordcheck(_load(args), widths, depths, steps=args.steps)
+    print(format_report(result))
+    if args.out:
+        for path in write_outputs(result, Path(args.out)):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from train import checkpoint as ckpt
     from train.rundir import RunDir, step_name
@@ -201,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("--step", default="latest")
     cons.add_argument("--out", help="default: RUN_DIR/consolidated/step-XXXXXXXX.pt")
     cons.set_defaults(fn=cmd_consolidate)
+
+    cc = sub.add_parser("coordcheck", help="activation scales across widths and depths (muP coordinate check)")
+    _add_config(cc)
+    cc.add_argument("--widths", default="64,128,256,512", help="d_model values (at the config's depth)")
+    cc.add_argument("--depths", default="2,4,8,16", help="n_layers values (at the config's width)")
+    cc.add_argument("--steps", type=int, default=10)
+    cc.add_argument("--out", help="folder for coordcheck.json and PNG plots (plots need matplotlib)")
+    cc.set_defaults(fn=cmd_coordcheck)
 
     b = sub.add_parser("bench", help="time the real training step")
     _add_config(b)

@@ -282,6 +282,9 @@ class Config:
                 "set init_from (weights only) or branch_from (full state), not both")
         for key in ("init_from_allow_new", "init_from_allow_unused"):
             require(not getattr(self, key) or self.init_from, key, "only applies with init_from")
+        require(not (self.optim.name == "muon" and self.model.param.kind != "sp"), "optim.name",
+                f"muon with model.param.kind={self.model.param.kind} is not supported yet (its rules are "
+                "written for AdamW); use adamw")
         require(not (self.train.log_group_norms and self.parallel.backend == "deepspeed"), "train.log_group_norms",
                 "not available with parallel.backend=deepspeed (ZeRO owns the flattened gradients)")
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",

@@ -98,7 +98,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 def group_table(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     """One row per optimizer group, for `ablate params`.
 
-    Keys: name (the group's name), tensors, params, lr, weight_decay, eps, init_std, optimizer. init_std is the
+    Keys: name (the group's name), tag, role, tensors, params, lr, weight_decay, eps, init_std, optimizer. init_std is the
     parameterization's std for the tag (before any residual-output scaling), or None for groups
     without matrices (vectors are initialised by their module, e.g. norm gains to 1).
     """
@@ -109,6 +109,8 @@ def group_table(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
         has_matrix = any(p.ndim >= 2 for p in g["params"])
         rows.append({
             "name": g["name"],
+            "tag": g["tag"],
+            "role": spec.role,
             "tensors": len(g["params"]),
             "params": sum(p.numel() for p in g["params"]),
             "lr": g["lr"],

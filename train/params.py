@@ -36,16 +36,29 @@ def params_report(cfg: Config) -> str:
         f"FLOPs per token (fwd+bwd): {fpt:,.0f}  ({_fmt(fpt)})",
         f"  per step: {fpt * cfg.train.global_batch * cfg.data.seq_len:.3e}",
         "",
+        param_line(model, cfg),
+        "",
         f"optimizer groups ({cfg.optim.name}, parameterization {cfg.model.param.kind}):",
     ]
     rows = group_table(model, cfg)
-    header = ["group", "tensors", "params", "lr", "weight_decay", "eps", "init_std", "optimizer"]
-    keys = ["name", "tensors", "params", "lr", "weight_decay", "eps", "init_std", "optimizer"]
+    header = ["group", "tag", "role", "tensors", "params", "lr", "weight_decay", "eps", "init_std", "optimizer"]
+    keys = ["name", "tag", "role", "tensors", "params", "lr", "weight_decay", "eps", "init_std", "optimizer"]
     table = [header] + [[_cell(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
     return "\n".join(lines)
+
+
+def param_line(model: torch.nn.Module, cfg: Config) -> str:
+    """The parameterization's forward multipliers: residual branch, input, output (logit), attention."""
+    p, pc = model.param, cfg.model.param
+    scale = p.attention_scale(cfg.model.head_dim)
+    attn = f"1/sqrt({cfg.model.head_dim})" if scale is None else f"{scale:.6g}"
+    shape = (f"  (width x{cfg.model.d_model / pc.base_width:g} of {pc.base_width}, depth x"
+             f"{cfg.model.n_layers / pc.base_depth:g} of {pc.base_depth})" if pc.kind != "sp" else "")
+    return (f"parameterization {pc.kind}{shape}: branch multiplier {p.residual_multiplier:.6g}, input multiplier "
+            f"{p.input_multiplier:.6g}, logit multiplier {p.output_multiplier:.6g}, attention scale {attn}")
 
 
 def ffn_line(model: torch.nn.Module, cfg: Config) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.context import MixerContext
 from models.norms import RMSNorm
+from models.parameterization import build_parameterization
 from models.registry import MIXERS
 from models.rope import apply_rope
 from models.schema import require
@@ -75,6 +76,7 @@ class Attention(nn.Module):
         self.wv = tag_linear(nn.Linear(d, self.n_kv_heads * dh, bias=False))
         self.wo = tag_linear(nn.Linear(self.n_heads * dh, d, bias=False))
         self.wo.is_residual_out = True
+        self.scale = build_parameterization(cfg).attention_scale(dh)   # None: 1/sqrt(dh)
         self.q_norm = RMSNorm(dh, cfg.norm.eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(dh, cfg.norm.eps) if cfg.qk_norm else None
 
@@ -95,10 +97,12 @@ class Attention(nn.Module):
         S = k.shape[2]
         doc_ids = ctx.doc_ids if (self.doc_mask and cache is None) else None
         if S == T and self.window is None and doc_ids is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             mask = attention_mask(T, S, self.window, x.device, doc_ids)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
     @staticmethod

@@ -18,11 +18,12 @@ from models import registry
 from models.context import Aux, LossTerm
 from models.tags import MEMORY_VALUE, TagSpec, register_tag, tag_linear
 
-CONV = register_tag(TagSpec("test_conv", matrix=False, in_block=True, matmul=False, muon_ok=False, init="module"))
+CONV = register_tag(TagSpec("test_conv", matrix=False, in_block=True, matmul=False, muon_ok=False, init="module",
+                            role="hidden_bias"))
 STOCK_NORM = register_tag(TagSpec("test_stock_norm", matrix=False, in_block=True, matmul=False, muon_ok=False,
-                                  init="module"))
+                                  init="module", role="hidden_norm"))
 HEAD_GAIN = register_tag(TagSpec("test_head_gain", matrix=False, in_block=True, matmul=False, muon_ok=False,
-                                 init="module"))
+                                 init="module", role="hidden_norm"))
 
 
 @dataclass

@@ -112,9 +112,15 @@ VALUES: dict[str, Any] = {
     "norm.eps": 1.0e-2,
     "memory.layers": _memory_layers_cases,
     "param.base_width": _with_each_other_param_kind("param.base_width", 64),
-    "param.base_depth": _with_each_other_param_kind("param.base_depth", 4),
+    # depth is scaled by completep only (muP ignores base_depth by design)
+    "param.base_depth": Case({"param.base_depth": 4}, context={"param.kind": "completep"}),
     # CompleteP scales by (base_depth / n_layers)^alpha: with base_depth = n_layers = 2 alpha cannot show
-    "param.alpha": _with_each_other_param_kind("param.alpha", 0.5, {"param.base_depth": 4}),
+    "param.alpha": Case({"param.alpha": 0.5}, context={"param.kind": "completep", "param.base_depth": 4}),
+    "param.input_mult": _with_each_other_param_kind("param.input_mult", 2.0),
+    # null is the kind's own: sqrt under sp, linear under mup / completep; try the other one under each
+    "param.attn_scale": [Case({"param.attn_scale": "linear"}),
+                         Case({"param.attn_scale": "sqrt"}, context={"param.kind": "mup"})],
+    "param.output_mult": _with_each_other_param_kind("param.output_mult", 2.0),
 }
 
 # Overrides applied to both sides for every key with this prefix (what makes the key act at all).
@@ -138,6 +144,8 @@ REGISTRY_CHOICES: dict[str, Callable[[], list[str]]] = {
 # Keys that are not meant to change a fresh model's parameters or logits.
 ALLOW_LIST: dict[str, str] = {
     "loss_chunk_tokens": "chunking changes memory, not values: checked in test_chunked_loss",
+    "param.eps_scope": "which optimizer groups get CompleteP's epsilon scaling: the optimizer, not the model "
+                       "(checked in test_parameterizations)",
     "max_seq_len": "a length limit, not part of the function: RoPE tables are built to it and grow on demand "
                    "with identical per-position values (models/rope.py); it bounds data.seq_len "
                    "(train/config.py), decoding (train/generate.py) and eval contexts (eval/adapter.py)",
@@ -146,10 +154,6 @@ ALLOW_LIST: dict[str, str] = {
 # Keys nothing registered can exercise yet. Used only while no value can be derived for the key:
 # once one can (a second parameterization, a memory layer, a second mixer kind), the key is tested.
 UNTIL_TESTABLE: dict[str, str] = {
-    "param.kind": "only one parameterization ('sp') is registered",
-    "param.base_width": "read by muP / CompleteP, not registered yet; 'sp' ignores it by design",
-    "param.base_depth": "read by CompleteP, not registered yet; 'sp' ignores it by design",
-    "param.alpha": "read by CompleteP, not registered yet; 'sp' ignores it by design",
     "memory.layers": "no memory layer registered in models.registry.MEMORIES yet",
     "memory.kind": "needs two registered memory layers to compare (none registered yet)",
     MIXER_KIND_KEY: "only one mixer kind is registered",

@@ -132,7 +132,8 @@ def test_group_table_rows() -> None:
     rows = group_table(model, cfg)
     by = {r["name"]: r for r in rows}
     assert set(by) == {"embedding", "hidden_matrix/muon", "norm_gain", "final_norm_gain"}
-    assert set(rows[0]) == {"name", "tensors", "params", "lr", "weight_decay", "eps", "init_std", "optimizer"}
+    assert set(rows[0]) == {"name", "tag", "role", "tensors", "params", "lr", "weight_decay", "eps", "init_std",
+                            "optimizer"}
     assert sum(r["params"] for r in rows) == sum(p.numel() for p in model.parameters())
     assert sum(r["tensors"] for r in rows) == len(list(model.parameters()))
     assert by["embedding"]["params"] == VOCAB * 64 and by["embedding"]["tensors"] == 1
