@@ -103,8 +103,32 @@ class NormConfig:
 
 @dataclass
 class MemoryConfig:
-    layers: list[int] = field(default_factory=list)
+    """`model.memory`: layers whose FFN is replaced by a memory layer, and its sizes
+    (product keys: "Memory Layers at Scale", arXiv 2412.09764; models/memory.py)."""
+
+    layers: list[int] = field(default_factory=list)   # 0-based layer indices
     kind: str = "product_key"
+    heads: int = 4                    # memory heads, each with its own sub-key tables; their reads are summed
+    k_dim: int = 512                  # query / key dimension (even: two halves of k_dim / 2)
+    n_keys: int = 1024                # sub-keys per half: n_keys^2 value slots
+    knn: int = 32                     # slots read per head and token
+    v_dim: int | None = None          # value dimension; null: d_model
+    qk_norm: Literal["none", "rms", "l2"] = "none"    # normalise queries and sub-keys before scoring
+    gated: bool = False               # sigmoid(w_g x) gate on the output
+    share_values: bool = False        # one value table for every memory layer, owned by the decoder
+    value_lr: float = 1.0e-3          # the value table's base learning rate (the schedule still scales it)
+
+    def validate(self, path: str) -> None:
+        for key in ("heads", "k_dim", "n_keys", "knn"):
+            require(getattr(self, key) >= 1, f"{path}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.k_dim % 2 == 0, f"{path}.k_dim", f"must be even (two halves of sub-keys), got {self.k_dim}")
+        require(self.knn <= self.n_keys, f"{path}.knn",
+                f"knn={self.knn} exceeds n_keys={self.n_keys} (each half's top-k is taken over n_keys)")
+        require(self.n_keys ** 2 < 2 ** 63, f"{path}.n_keys",
+                f"n_keys^2 = {self.n_keys ** 2} slots overflow the int64 slot index")
+        if self.v_dim is not None:
+            require(self.v_dim >= 1, f"{path}.v_dim", f"must be >= 1 or null, got {self.v_dim}")
+        require(self.value_lr > 0, f"{path}.value_lr", f"must be > 0, got {self.value_lr}")
 
 
 @dataclass

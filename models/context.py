@@ -94,6 +94,7 @@ class MixerContext:
     sample_index: torch.Tensor | None = None    # (B,) global sample index of each row (keys stochastic masks)
     token_ids: torch.Tensor | None = None       # (B, T) input token ids (hash-keyed lookups, probes)
     want_stats: bool = False                    # modules fill Aux.stats only when True
+    shared: Any = None                          # the decoder's shared modules (e.g. a memory value table)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from models.loss import head_loss
 from models.norms import build_norm
 from models.parallel_plan import ParallelPlan, collect_hints
 from models.parameterization import build_parameterization
-from models.registry import ConfigError
+from models.registry import MEMORIES, ConfigError
 from models.rope import RotaryEmbedding
 from models.init import init_parameters, plain_name
 from models.tags import EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, OUTPUT_HEAD, retag, tag_linear
@@ -48,6 +48,13 @@ class Decoder(nn.Module):
         self.embed.param_tags = {"weight": EMBEDDING.name}
         self.blocks = nn.ModuleList(
             Block(cfg, i, self.param.residual_multiplier) for i in range(cfg.n_layers))
+        # modules several layers read (a shared memory value table), owned here, not by a block
+        self.shared = nn.ModuleDict()
+        if cfg.memory.layers:
+            build = getattr(MEMORIES.get(cfg.memory.kind), "build_shared", None)
+            table = build(cfg) if build is not None else None
+            if table is not None:
+                self.shared["memory"] = table
         # the final norm has its own tags: parameterizations treat it unlike the block norms
         self.final_norm = retag(build_norm(cfg.norm.final, cfg.d_model, cfg.norm.eps),
                                 {NORM_GAIN.name: FINAL_NORM_GAIN, NORM_BIAS.name: FINAL_NORM_BIAS})
@@ -114,7 +121,7 @@ class Decoder(nn.Module):
         rope_dtype = torch.promote_types(h.dtype, torch.float32)   # converted once, not per layer
         cos, sin = (t.to(rope_dtype) for t in self.rope(start, T, input_ids.device))
         ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids, sample_index=sample_index,
-                           token_ids=input_ids, want_stats=want_stats)
+                           token_ids=input_ids, want_stats=want_stats, shared=self.shared)
         out = ModelOutput(cache=cache)
         for i, block in enumerate(self.blocks):
             h, aux = block(h, ctx, cache.layers[i] if cache is not None else None)

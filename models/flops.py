@@ -1,7 +1,9 @@
 """Parameter counts and FLOPs per token (the FLOP count behind MFU; 6N per token as in Kaplan et al., arXiv 2001.08361).
 
 FLOPs/token = 6 x (parameters in matmuls: non-embedding, LM head included even when tied)
-            + each mixer's own term (attention: 6 x seq_len x d_model per causal layer).
+            + each mixer's own term (attention: 6 x seq_len x d_model per causal layer)
+            + each memory layer's own term (sub-key scores and the value read; values are
+              parameters, not FLOPs).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.registry import MIXERS
+from models.registry import MEMORIES, MIXERS
 from models.tags import EMBEDDING, MEMORY_VALUE, param_specs
 
 
@@ -48,4 +50,8 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     for letter in cfg.layers.letters(cfg.n_layers):
         mixer_cfg = cfg.layers.mixers[letter]
         flops += MIXERS.get(mixer_cfg.kind).flops_per_token(cfg, mixer_cfg, seq_len)
+    if cfg.memory.layers:           # a memory layer's own term (scores, bag read): its values add no FLOPs
+        term = getattr(MEMORIES.get(cfg.memory.kind), "flops_per_token", None)
+        if term is not None:
+            flops += len(cfg.memory.layers) * term(cfg, seq_len)
     return flops

@@ -15,11 +15,12 @@ epsilon = optim.eps):
 | embedding     | sigma          | 1                          | 0             | mup, completep   |
 | hidden_weight | sigma/sqrt(mN) | 1/mN                       | 1             | mup              |
 | hidden_weight | sigma/sqrt(mN) | 1/mN * mL^(alpha-1)        | mN            | completep        |
+| fixed_weight  | (its own)      | 1  (completep: mL^(a-1))   | 1             |                  |
 | hidden_bias   | (its own)      | 1  (completep: mL^(a-1))   | 0             |                  |
 | hidden_norm   | (its own)      | 1  (completep: mL^(a-1))   | 0             |                  |
 | final_norm    | (its own)      | 1                          | 0             |                  |
 | readout       | sigma          | 1                          | 0             |                  |
-| table         | (its own)      | 1  (completep: mL^(a-1))   | 1             |                  |
+| table         | (its own)      | value_lr (x mL^(a-1))      | 1             |                  |
 
 Forward multipliers: input (embeddings) x input_mult; output (before the LM head) x
 output_mult / mN; every block branch x mL^-alpha (completep); attention logits x
@@ -45,7 +46,7 @@ from models.parameterization import GroupRule, attention_scale
 from models.registry import PARAMETERIZATIONS
 from models.tags import TagSpec
 
-BLOCK_ROLES = ("hidden_bias", "hidden_norm", "table")
+BLOCK_ROLES = ("fixed_weight", "hidden_bias", "hidden_norm", "table")
 
 
 @PARAMETERIZATIONS.register("mup")
@@ -88,7 +89,7 @@ class MuP:
         return 1.0 / self.m_n if spec.role == "hidden_weight" else 1.0
 
     def wd_mult(self, spec: TagSpec) -> float:
-        return 1.0 if spec.role in ("hidden_weight", "table") else 0.0
+        return 1.0 if spec.role in ("hidden_weight", "fixed_weight", "table") else 0.0
 
     def eps_mult(self, spec: TagSpec) -> float:
         return 1.0
@@ -97,7 +98,8 @@ class MuP:
         if spec.role is None:
             raise KeyError(f"tag '{spec.name}' has no role: {type(self).__name__} has no rule for it "
                            "(give its TagSpec a role, see models/tags.py ROLES)")
-        return GroupRule(lr_mult=self.lr_mult(spec), wd_mult=self.wd_mult(spec), eps_mult=self.eps_mult(spec))
+        lr = self.cfg.memory.value_lr * self.lr_mult(spec) if spec.role == "table" else None   # its own base LR
+        return GroupRule(lr_mult=self.lr_mult(spec), wd_mult=self.wd_mult(spec), eps_mult=self.eps_mult(spec), lr=lr)
 
 
 @PARAMETERIZATIONS.register("completep")
@@ -119,7 +121,7 @@ class CompleteP(MuP):
     def wd_mult(self, spec: TagSpec) -> float:
         if spec.role == "hidden_weight":
             return self.m_n
-        return 1.0 if spec.role == "table" else 0.0
+        return 1.0 if spec.role in ("fixed_weight", "table") else 0.0
 
     def eps_mult(self, spec: TagSpec) -> float:
         if self.cfg.param.eps_scope == "hidden" and not spec.in_block:

@@ -57,10 +57,12 @@ class StandardParam:
         return std
 
     def group_rule(self, spec: TagSpec) -> GroupRule:
-        """Weight decay on block matrices (hidden weights, tables) only; every lr and eps as set."""
+        """Weight decay on block matrices (hidden and fixed weights, tables) only; a table (memory
+        values) has its own base LR, model.memory.value_lr; every other lr and eps as set."""
         if spec.role is None:
             raise KeyError(f"tag '{spec.name}' has no role: SP has no rule for it (see models/tags.py ROLES)")
-        return GroupRule(wd_mult=1.0 if spec.role in ("hidden_weight", "table") else 0.0)
+        wd = 1.0 if spec.role in ("hidden_weight", "fixed_weight", "table") else 0.0
+        return GroupRule(wd_mult=wd, lr=self.cfg.memory.value_lr if spec.role == "table" else None)
 
 
 def attention_scale(kind: str, head_dim: int, base_head_dim: float) -> float | None:

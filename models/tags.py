@@ -20,9 +20,10 @@ from torch import nn
 Init = Literal["normal", "zeros", "ones", "module"]
 # The parameter's row in the muP / CompleteP tables (models/mup.py): every parameterization has a
 # rule for every role, so a tag with a role is covered by all of them.
-Role = Literal["embedding", "hidden_weight", "hidden_bias", "hidden_norm", "final_norm", "readout", "table"]
-ROLES: tuple[str, ...] = ("embedding", "hidden_weight", "hidden_bias", "hidden_norm", "final_norm", "readout",
-                          "table")
+Role = Literal["embedding", "hidden_weight", "fixed_weight", "hidden_bias", "hidden_norm", "final_norm", "readout",
+               "table"]
+ROLES: tuple[str, ...] = ("embedding", "hidden_weight", "fixed_weight", "hidden_bias", "hidden_norm", "final_norm",
+                          "readout", "table")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TagSpec:
     nn.LayerNorm, a depthwise conv, a gain with its own rule). width_scaled: the
     parameterization's width rules (muP / CompleteP init and LR scaling) apply to it. role: its
     row in the parameterization tables (ROLES): embedding, hidden_weight (block matrices),
+    fixed_weight (block matrices whose fan-in does not grow with width, e.g. memory sub-keys),
     hidden_bias (block biases and learnable scalars), hidden_norm (block norm gains / biases),
     final_norm, readout (an untied LM head), table (a lookup table inside a block, e.g. memory
     values). None: no rule yet, which the parameterization coverage test reports.

@@ -111,6 +111,11 @@ VALUES: dict[str, Any] = {
     "ffn.relu_finetune_frac": 0.5,      # ReLU from step 5 of 10: the models run at step 9
     "norm.eps": 1.0e-2,
     "memory.layers": _memory_layers_cases,
+    "memory.heads": 4,
+    "memory.k_dim": 8,
+    "memory.n_keys": 16,
+    "memory.knn": 2,
+    "memory.v_dim": 24,
     "param.base_width": _with_each_other_param_kind("param.base_width", 64),
     # depth is scaled by completep only (muP ignores base_depth by design)
     "param.base_depth": Case({"param.base_depth": 4}, context={"param.kind": "completep"}),
@@ -124,9 +129,13 @@ VALUES: dict[str, Any] = {
 }
 
 # Overrides applied to both sides for every key with this prefix (what makes the key act at all).
+SMALL_MEMORY = {"memory.heads": 2, "memory.k_dim": 16, "memory.n_keys": 8, "memory.knn": 4}   # 64 slots, not 1M
+MEMORY_IN_LAYER_1 = {"memory.layers": [1], **SMALL_MEMORY}   # memory knobs only matter where a layer uses memory
 CONTEXT_BY_PREFIX: dict[str, dict[str, Any]] = {
     "ffn.stochastic.": {"ffn.activation": "stochastic"},   # StochA's knobs act only when it is the activation
-    "memory.kind": {"memory.layers": [1]},                 # the kind only matters where a layer uses memory
+    "memory.layers": SMALL_MEMORY,
+    **{f"memory.{k}": MEMORY_IN_LAYER_1 for k in ("kind", "heads", "k_dim", "n_keys", "knn", "v_dim", "qk_norm",
+                                                  "gated", "share_values")},
 }
 
 # Registry-backed string keys: every other registered name that is valid (in the key's context)
@@ -144,6 +153,8 @@ REGISTRY_CHOICES: dict[str, Callable[[], list[str]]] = {
 # Keys that are not meant to change a fresh model's parameters or logits.
 ALLOW_LIST: dict[str, str] = {
     "loss_chunk_tokens": "chunking changes memory, not values: checked in test_chunked_loss",
+    "memory.value_lr": "the value table's base learning rate: the optimizer, not the model (checked in "
+                       "test_memory)",
     "param.eps_scope": "which optimizer groups get CompleteP's epsilon scaling: the optimizer, not the model "
                        "(checked in test_parameterizations)",
     "max_seq_len": "a length limit, not part of the function: RoPE tables are built to it and grow on demand "
@@ -154,8 +165,7 @@ ALLOW_LIST: dict[str, str] = {
 # Keys nothing registered can exercise yet. Used only while no value can be derived for the key:
 # once one can (a second parameterization, a memory layer, a second mixer kind), the key is tested.
 UNTIL_TESTABLE: dict[str, str] = {
-    "memory.layers": "no memory layer registered in models.registry.MEMORIES yet",
-    "memory.kind": "needs two registered memory layers to compare (none registered yet)",
+    "memory.kind": "needs two registered memory layers to compare (one registered: product_key)",
     MIXER_KIND_KEY: "only one mixer kind is registered",
 }
 

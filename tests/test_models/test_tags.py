@@ -111,9 +111,15 @@ def test_memory_layers_are_tagged():
         kinds = registry.MEMORIES.names()
         assert "test_memory" in kinds
         for kind in kinds:
-            tags = _check_all_tagged(_model(memory={"layers": [1], "kind": kind}), f"memory={kind}")
-            if kind == "test_memory":
-                assert tags["blocks.1.ffn.values"] == "memory_value"
+            small = {"heads": 2, "k_dim": 16, "n_keys": 8, "knn": 4}       # sizes only matter to product_key
+            for shared in (False, True):
+                tags = _check_all_tagged(_model(memory={"layers": [1], "kind": kind, "share_values": shared,
+                                                        **small}), f"memory={kind} shared={shared}")
+                if kind == "test_memory":
+                    assert tags["blocks.1.ffn.values"] == "memory_value"
+                if kind == "product_key":
+                    values = "shared.memory.weight" if shared else "blocks.1.ffn.values.weight"
+                    assert tags[values] == "memory_value" and tags["blocks.1.ffn.keys"] == "memory_key"
 
 
 def test_known_tags_of_baseline():

@@ -87,3 +87,15 @@ def test_cli_exits_2_naming_init_from(finished_run, tmp_path, tiny_dict):
     with pytest.raises(ConfigError) as e:
         make_cfg(tiny_dict, init_from_allow_new=["x"])
     assert e.value.key == "init_from_allow_new"
+
+
+def test_dense_run_into_a_memory_model(finished_run, tmp_path, tiny_dict):
+    """The memory layer's parameters are new, the dense FFN it replaces goes unused; the rest loads."""
+    memory = {"layers": [1], "heads": 2, "k_dim": 16, "n_keys": 8, "knn": 4}
+    cfg = make_cfg(tiny_dict, init_from=str(finished_run), train__steps=1, checkpoint__every=0, model__memory=memory,
+                   init_from_allow_new=["blocks.1.ffn.*"], init_from_allow_unused=["blocks.1.ffn.*"])
+    run = tmp_path / "memory"
+    assert train(cfg, run).status == "done"
+    [event] = [e for e in train_rows(run, "event") if e["event"] == "init_from"]
+    assert "blocks.1.ffn.keys" in event["new"] and "blocks.1.ffn.values.weight" in event["new"]
+    assert sorted(event["unused"]) == ["blocks.1.ffn.w2.weight", "blocks.1.ffn.w_in.weight"]
