@@ -231,10 +231,12 @@ def evaluate_run(run_dir: str | Path, step: int | str | None, spec: EvalSpec,
     tokenizer = load_tokenizer(run.tokenizer_dir)
     steps = checkpoint_steps(run, step)
     import models
+    from train.runlock import RunLock
     model = models.Decoder(cfg.model).to(resolve_device(device or cfg.device))
     out = []
-    for s in steps:
-        ckpt.load_model_weights(run.checkpoints / step_name(s), model)
-        apply_checkpoint_activation(model, s, cfg)     # a ReLU fine-tune checkpoint is evaluated with ReLU
-        out.append(evaluate_model(model, tokenizer, run, s, spec))
+    with RunLock(run.path):            # its writes (results, metrics rows) never race a training's
+        for s in steps:
+            ckpt.load_model_weights(run.checkpoints / step_name(s), model)
+            apply_checkpoint_activation(model, s, cfg)     # a ReLU fine-tune checkpoint is evaluated with ReLU
+            out.append(evaluate_model(model, tokenizer, run, s, spec))
     return out

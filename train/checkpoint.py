@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +44,52 @@ TRAINER_STATE = "trainer_state.pt"
 DS_META = "deepspeed.json"        # marks a DeepSpeed-format checkpoint
 DS_DIR = "deepspeed"              # engine.save_checkpoint's save_dir inside the step dir
 DS_TAG = "zero"                   # its tag (a subdirectory of DS_DIR)
+
+
+class UnusableCheckpoint(RuntimeError):
+    """No checkpoint of a run could be loaded (the CLI prints its one line and exits 1)."""
+
+
+class CheckpointDamaged(Exception):
+    """A complete checkpoint whose files do not match their recorded checksums (or are missing)."""
+
+    def __init__(self, path: Path, file: str, why: str):
+        self.path, self.file = path, file
+        super().__init__(f"{path / file}: {why}")
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def checksum_files(path: Path) -> dict[str, str]:
+    """CRC32 of every file under a checkpoint dir (relative path -> hex), COMPLETE excluded."""
+    return {str(f.relative_to(path)): _crc32(f) for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != COMPLETE}
+
+
+def verify_checkpoint(path: Path) -> float:
+    """Check every file against the checksums in COMPLETE; returns the seconds it took. Raises
+    CheckpointDamaged naming the first file that is missing or differs. Checkpoints written
+    before checksums were recorded (COMPLETE holds only the step) pass unchecked."""
+    t0 = time.perf_counter()
+    try:
+        record = json.loads((path / COMPLETE).read_text())
+    except ValueError:
+        return 0.0
+    if not isinstance(record, dict):
+        return 0.0
+    for name, crc in record.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointDamaged(path, name, "missing")
+        if _crc32(f) != crc:
+            raise CheckpointDamaged(path, name, "checksum mismatch (the file changed after it was written)")
+    return time.perf_counter() - t0
 
 
 def is_deepspeed(path: Path) -> bool:
@@ -154,11 +201,17 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
     if rank == 0:
         if final.exists():                      # renamed earlier but never marked complete
             shutil.rmtree(final)
+        t_sum = time.perf_counter()
+        files = checksum_files(tmp)             # every rank's files are written (barrier above)
+        checksum_seconds = time.perf_counter() - t_sum
         os.rename(tmp, final)
-        (final / COMPLETE).write_text(f"{step}\n")
+        (final / COMPLETE).write_text(json.dumps({"step": step, "files": files}) + "\n")
         _fsync_dir(ckpt_root)
     barrier()
-    return {"seconds": time.perf_counter() - t0, "bytes": _size(final), "path": str(final)}
+    out = {"seconds": time.perf_counter() - t0, "bytes": _size(final), "path": str(final)}
+    if rank == 0:
+        out["checksum_seconds"] = checksum_seconds
+    return out
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

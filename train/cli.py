@@ -45,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.step} for requeue; resume with the same command. run dir: {run_dir}")
         return 0
     print(summary(run_dir, result.step, result.val_loss, result.unigram_entropy))
+    if result.skipped_steps:
+        print(f"non-finite steps skipped (no update): {result.skipped_steps}")
     return 0
 
 
@@ -262,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ablate: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:      # noqa: BLE001 - the last line of defence: name the cause, exit 1
-        import traceback
-        traceback.print_exc()
-        print(f"ablate: error: {type(e).__name__}: {e}", file=sys.stderr)
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - the last line of defence (DCP's errors are BaseExceptions)
+        if type(e).__name__ != "UnusableCheckpoint":      # its message already names the checkpoints
+            import traceback
+            traceback.print_exc()
+        print(f"ablate: error: {type(e).__name__}: {e}" if type(e).__name__ != "UnusableCheckpoint"
+              else f"ablate: error: {e}", file=sys.stderr)
         return 1
 
 

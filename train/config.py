@@ -124,6 +124,7 @@ class TrainConfig:
     spike_sigma: float = 6.0       # a spike is a loss above mean + sigma * std of the window
     spike_action: Literal["log", "skip"] = "log"
     progress: bool = True
+    max_skipped_steps: int = 10    # halt (FAILED) after this many consecutive non-finite skipped steps (0: never)
     log_group_norms: bool = False  # per optimizer group: grad norm and update/parameter RMS ratio, at log_every
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -136,6 +137,7 @@ class TrainConfig:
                 f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
         require(self.z_loss >= 0, f"{path}.z_loss", f"must be >= 0, got {self.z_loss}")
         require(self.spike_window >= 0, f"{path}.spike_window", f"must be >= 0, got {self.spike_window}")
+        require(self.max_skipped_steps >= 0, f"{path}.max_skipped_steps", f"must be >= 0, got {self.max_skipped_steps}")
         require(self.spike_sigma > 0, f"{path}.spike_sigma", f"must be > 0, got {self.spike_sigma}")
 
 
@@ -191,6 +193,7 @@ class CheckpointConfig:
     every: int = 0                 # 0: only at the end (and on stop requests)
     keep_last: int = 2             # newest complete checkpoints kept
     keep_every: int = 0            # also keep every checkpoint whose step is a multiple of this
+    verify: bool = True            # check the files' checksums on resume (a damaged one falls back)
 
     def validate(self, path: str) -> None:
         require(self.every >= 0, f"{path}.every", f"must be >= 0, got {self.every}")
@@ -311,6 +314,7 @@ RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.decay_frac", "optim.schedul
                       "optim.schedule.min_lr_ratio", "checkpoint.", "eval.", "log.", "parallel.",
                       "launch.", "train.log_every", "train.val_every", "train.val_batches",
                       "train.progress", "train.peak_tflops", "train.spike_", "train.log_group_norms",
+                      "train.max_skipped_steps",
                       "train.profile.", "data.cache_dir", "data.num_proc", "name",
                       "code_version", "derived")
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 import models
 from models.context import LossTerm
@@ -37,7 +38,9 @@ from train.group_stats import GroupStats
 from train.optim import build_optimizer, set_lr
 from train.parallel import DistInfo, check_same_config, init_distributed, make_backend, shutdown_distributed
 from train.rundir import RunDir, code_version
-from train.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state, unwrap
+from train.runlock import RunLock
+from train.runtime import any_rank, autocast, resolve_device, rng_state, seed_everything, set_rng_state, unwrap
+from train import signals
 from train.schedule import lr_factor
 
 # Nominal dense bf16 peak, TFLOP/s, by a substring of the CUDA device name.
@@ -82,19 +85,10 @@ def unigram_entropy(tokens: np.ndarray, max_tokens: int = 1 << 24) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-_stop_signalled = False
-
-
-def _on_stop_signal(signum, frame) -> None:
-    global _stop_signalled
-    _stop_signalled = True       # only a flag: a second signal during a save changes nothing
-
-
 def install_stop_handlers() -> None:
-    """For processes that exist to train (the CLI): SIGTERM / SIGUSR1 set the stop flag for the
-    whole process lifetime, so a late signal after the final save cannot kill it mid-exit."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _on_stop_signal)
+    """For processes that exist to train (the CLI): flag-only SIGTERM / SIGUSR1 handlers for the
+    whole process lifetime (the entry points install them before any heavy import)."""
+    signals.install()
 
 
 class StopRequest:
@@ -105,12 +99,12 @@ class StopRequest:
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
-        global _stop_signalled
-        if signal.getsignal(signal.SIGTERM) is not _on_stop_signal:
-            _stop_signalled = False       # a fresh in-process run; under the CLI keep early signals
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        if signals.installed():       # an entry point's handlers: keep a signal that came early
+            return
+        signals.reset()               # a fresh in-process run (tests, notebooks)
+        for sig in signals.STOP_SIGNALS:
             try:
-                self._old[sig] = signal.signal(sig, _on_stop_signal)
+                self._old[sig] = signal.signal(sig, signals._on_signal)
             except ValueError:    # not the main thread (e.g. inside a test runner thread)
                 pass
 
@@ -119,7 +113,7 @@ class StopRequest:
             signal.signal(sig, old)
 
     def requested(self) -> bool:
-        return _stop_signalled or self.run.has("STOP")
+        return signals.requested() or self.run.has("STOP")
 
 
 @dataclass
@@ -129,6 +123,7 @@ class TrainResult:
     run_dir: Path
     val_loss: float | None = None
     unigram_entropy: float | None = None    # nats/token of the training tokens: the bar to beat
+    skipped_steps: int = 0                  # non-finite steps skipped (no update)
 
 
 class SpikeDetector:
@@ -237,6 +232,8 @@ class Trainer:
                               f"micro_batch x data-parallel ranks = {cfg.train.micro_batch} x {dp}")
         self.accum = cfg.train.global_batch // (cfg.train.micro_batch * dp)
         self.spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_sigma)
+        self.skipped_total = 0          # non-finite steps skipped in the whole run
+        self.consecutive_skips = 0      # ... in a row, up to now (train.max_skipped_steps halts)
         self.logger: MetricLogger | None = None
         self.model: torch.nn.Module | None = None
         self.state: TrainState | None = None
@@ -290,20 +287,33 @@ class Trainer:
             ckpt.clean_partial(run.checkpoints)
         self.backend.barrier()
 
-        # resume, or start (optionally from another run's full state or weights)
-        latest = ckpt.latest_checkpoint(run.checkpoints)
-        source = latest[1] if latest is not None else (_checkpoint_dir(cfg.branch_from, "branch_from")
-                                                       if cfg.branch_from else None)
-        state = self.build(init_from=cfg.init_from if source is None else None)
-        sample_index = 0
-        if source is not None:
-            saved_state = ckpt.load_checkpoint(source, self.model, self.optimizer, rank=info.rank,
-                                               engine=self.backend.engine, world_size=info.world_size)
+        # resume from the newest complete checkpoint that loads, or start (optionally from
+        # another run's full state or weights)
+        resumable = [p for _, p in reversed(ckpt.complete_checkpoints(run.checkpoints))]
+        sources = resumable or ([_checkpoint_dir(cfg.branch_from, "branch_from")] if cfg.branch_from else [])
+        state = self.build(init_from=cfg.init_from if not sources else None)
+        sample_index, source, unusable = 0, None, []
+        for path in sources:
+            try:
+                saved_state = self._load_checkpoint(path)
+            except ConfigError:
+                raise                   # a setting that cannot resume it (DeepSpeed world size): not damage
+            except (Exception, CheckpointException) as e:        # DCP's is a BaseException
+                unusable.append({"kind": "event", "event": "checkpoint_unusable", "step": 0,
+                                 "checkpoint": str(path), "error": f"{type(e).__name__}: {e}"[:2000]})
+                continue
+            source = path
             state.step, sample_index = saved_state["step"], saved_state["data"]["sample_index"]
             self.spikes.history = list(saved_state.get("spike_history", []))
+            self.skipped_total = saved_state.get("skipped_steps", 0)
+            self.consecutive_skips = saved_state.get("consecutive_skips", 0)
             for cb in self.callbacks:
                 cb.load_state_dict(saved_state.get("callbacks", {}).get(cb.name, {}))
             set_rng_state(saved_state["rng"])
+            break
+        if sources and source is None:
+            raise ckpt.UnusableCheckpoint(f"no checkpoint of {run.path} could be loaded: "
+                                          + "; ".join(u["error"] for u in unusable))
         self.loader = data_mod.Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed,
                                       rank=info.rank, world_size=info.world_size, start_index=sample_index)
         state.data = data
@@ -319,8 +329,10 @@ class Trainer:
                 data_mod.copy_tokenizer(data, run.tokenizer_dir)
             run.truncate_metrics(state.step)
             run.clear_marker("STOP", "REQUEUE", "FAILED", "DONE")
+            for row in unusable:            # after the truncation, so the record stays
+                self.log({**row, "step": state.step})
             if source is not None:
-                self.log({"kind": "event", "event": "resume" if latest is not None else "branch_from",
+                self.log({"kind": "event", "event": "resume" if resumable else "branch_from",
                           "step": state.step, "checkpoint": str(source), "world_size": info.world_size})
             else:
                 if cfg.init_from:
@@ -330,6 +342,19 @@ class Trainer:
                           "val_tokens": int(len(data.val.tokens)), "unigram_entropy": self.entropy,
                           "cache": data.cache_key})
         self.backend.barrier()
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Verify (rank 0, checksums; `checkpoint.verify`) then load one checkpoint on every rank."""
+        failed = None
+        if self.cfg.checkpoint.verify and self.info.is_main:
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointDamaged as e:
+                failed = e
+        if self.backend.any(failed is not None):
+            raise failed or ckpt.CheckpointDamaged(path, "?", "rank 0 found it damaged")
+        return ckpt.load_checkpoint(path, self.model, self.optimizer, rank=self.info.rank,
+                                    engine=self.backend.engine, world_size=self.info.world_size)
 
     # ---- the step ---------------------------------------------------------------------
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -395,18 +420,25 @@ class Trainer:
                 self._nonfinite(metrics)
             else:
                 self.spikes.update(metrics["loss"])
+                self.consecutive_skips = 0
             if self.group_stats is not None and self._log_due(st.step):
                 metrics.update(self.group_stats.after_step())    # one more read, on log steps only
         return metrics
 
     def _nonfinite(self, metrics: dict[str, Any]) -> None:
         """A skipped non-finite step (its gradients already dropped): halt or log it."""
-        step = self.state.step
-        if self.cfg.train.nonfinite == "halt":
+        step, t = self.state.step, self.cfg.train
+        if t.nonfinite == "halt":
             raise FloatingPointError(f"non-finite loss ({metrics['loss_total']}) or grad norm "
                                      f"({metrics['grad_norm']}) at step {step} (train.nonfinite=halt)")
+        self.skipped_total += 1
+        self.consecutive_skips += 1
         self.log({"kind": "event", "event": "skip_nonfinite", "step": step,
                   "loss": str(metrics["loss_total"]), "grad_norm": str(metrics["grad_norm"])})
+        if t.max_skipped_steps and self.consecutive_skips >= t.max_skipped_steps:
+            raise FloatingPointError(f"the run diverged: {self.consecutive_skips} consecutive non-finite steps "
+                                     f"skipped up to step {step} (train.max_skipped_steps={t.max_skipped_steps}); "
+                                     "lower optim.lr or resume from an earlier checkpoint")
 
     def _log_due(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
@@ -421,6 +453,7 @@ class Trainer:
         tokens_per_step = self.cfg.train.global_batch * self.cfg.data.seq_len
         trainer_state = {"step": st.step, "data": self.loader.state_dict(), "tokens": st.step * tokens_per_step,
                          "world_size": info.world_size, "spike_history": list(self.spikes.history),
+                         "skipped_steps": self.skipped_total, "consecutive_skips": self.consecutive_skips,
                          "callbacks": {cb.name: cb.on_checkpoint(st) for cb in self.callbacks}}
         saved = ckpt.save_checkpoint(run.checkpoints, st.step, self.model, self.optimizer, trainer_state,
                                      rng=rng_state(), rank=info.rank, barrier=self.backend.barrier,
@@ -428,7 +461,8 @@ class Trainer:
         if info.is_main:
             if not saved.get("existed"):
                 self.log({"kind": "event", "event": "checkpoint", "step": st.step,
-                          "seconds": round(saved["seconds"], 4), "bytes": saved["bytes"]})
+                          "seconds": round(saved["seconds"], 4), "bytes": saved["bytes"],
+                          "checksum_seconds": round(saved.get("checksum_seconds", 0.0), 4)})
             ckpt.prune(run.checkpoints, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
         self.backend.barrier()
 
@@ -444,7 +478,7 @@ class Trainer:
                 stop.install()
                 return self._loop(stop)
             except BaseException as e:
-                if not isinstance(e, KeyboardInterrupt) and run.path.is_dir() and (main or not run.has("FAILED")):
+                if not isinstance(e, KeyboardInterrupt) and run.exists() and (main or not run.has("FAILED")):
                     run.set_marker("FAILED", f"{type(e).__name__}: {e}")     # any rank: the first cause wins
                 raise
         finally:
@@ -509,8 +543,8 @@ class Trainer:
             if val_loss is None:
                 val_loss = _last_val(run)
             if main:
-                run.set_marker("DONE", f"step {st.step}")
-            return TrainResult("done", st.step, run.path, val_loss, self.entropy)
+                run.set_marker("DONE", f"step {st.step}, {self.skipped_total} non-finite steps skipped")
+            return TrainResult("done", st.step, run.path, val_loss, self.entropy, self.skipped_total)
         finally:
             if progress is not None:
                 progress.close()
@@ -534,8 +568,21 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False,
                             cpu_collectives=cfg.parallel.cpu_offload)
     owns_group = info.distributed and not had_group     # a caller's process group stays up
     try:
-        cbs = default_callbacks(cfg) if callbacks is None else list(callbacks)
-        return Trainer(cfg, run_dir, callbacks=cbs, info=info, resume=resume).fit()
+        lock = RunLock(run_dir) if info.is_main else None     # one process per run dir
+        held = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except ConfigError as e:
+                held = e
+        if any_rank(held is not None):                         # every rank fails together
+            raise held or ConfigError("--run-dir", f"run dir {run_dir} is in use (rank 0 could not lock it)")
+        try:
+            cbs = default_callbacks(cfg) if callbacks is None else list(callbacks)
+            return Trainer(cfg, run_dir, callbacks=cbs, info=info, resume=resume).fit()
+        finally:
+            if lock is not None:
+                lock.release(keep_dir=RunDir(run_dir).exists())
     finally:
         if owns_group:
             shutdown_distributed()
