@@ -130,8 +130,12 @@ def find_checkpoint(ckpt_root: Path, step: int | str | None = None) -> tuple[int
         raise FileNotFoundError(f"no complete checkpoint under {ckpt_root}")
     if step in (None, "latest"):
         return ckpts[-1]
+    try:
+        wanted = int(step)
+    except (TypeError, ValueError):
+        raise FileNotFoundError(f"expected 'latest' or a step number, got {step!r}") from None
     for s, p in ckpts:
-        if s == int(step):
+        if s == wanted:
             return s, p
     raise FileNotFoundError(f"no complete checkpoint for step {step} under {ckpt_root} "
                             f"(have: {', '.join(str(s) for s, _ in ckpts)})")

@@ -45,6 +45,17 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _row(line: str) -> dict[str, Any] | None:
+    """A metrics line as a row: a JSON object with an integer step, else None."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+        return None
+    return row
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -71,7 +82,18 @@ class RunDir:
 
     # ------------------------------------------------------------------ config
     def read_config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.config_path.read_text()) or {}
+        """The saved config as a mapping; a file that does not parse as one is a ConfigError
+        naming it (exit 2), not a traceback."""
+        from models.registry import ConfigError
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError("RUN_DIR", f"{self.config_path} is damaged: {e}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError("RUN_DIR", f"{self.config_path} is damaged: not a mapping of config sections")
+        return data
 
     def write_config(self, text: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -100,23 +122,26 @@ class RunDir:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
 
     def read_metrics(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The rows (objects with an integer step); a line cut short or not a row is skipped."""
         if not self.metrics_path.exists():
             return []
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in map(_row, self.metrics_path.read_text().splitlines()) if r is not None]
         return [r for r in rows if kind is None or r.get("kind") == kind]
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows with a step after `step` (resume), so every step appears once."""
         if not self.metrics_path.exists():
             return
-        keep = []
+        keep, aside = [], []
         for line in self.metrics_path.read_text().splitlines():
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:       # a line cut short by a kill
-                continue
-            if row.get("step", 0) <= step:
+            row = _row(line)
+            if row is None:                    # cut short by a kill, or not a row: set aside, not lost
+                aside.append(line)
+            elif row["step"] <= step:
                 keep.append(line)
+        if aside:
+            with open(self.path / "metrics.unreadable.jsonl", "a") as f:
+                f.write("".join(line + "\n" for line in aside))
         atomic_write(self.metrics_path, "".join(line + "\n" for line in keep))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -147,11 +148,14 @@ class SpikeDetector:
 
 def prepare_run_dir(cfg: Config, run: RunDir, resume: bool) -> dict[str, Any] | None:
     """Check a resumed run's saved config; returns it (None for a new run)."""
-    if not run.exists():
-        if resume:
-            raise ConfigError("--resume", f"no run to resume at {run.path} (no config.yaml)")
-        return None
-    saved = run.read_config()
+    if run.exists():
+        saved = run.read_config()
+    else:                   # config.yaml deleted: the checkpoints' own copy still guards the resume
+        saved = _checkpoint_config(run)
+        if saved is None:
+            if resume:
+                raise ConfigError("--resume", f"no run to resume at {run.path} (no config.yaml)")
+            return None
     saved.pop("code_version", None)
     derived = saved.get("derived") or {"model.vocab_size": "tokenizer"}   # older runs: no record
     current = cfg.to_dict()
@@ -201,6 +205,19 @@ def train_device(cfg: Config, info: DistInfo) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def _checkpoint_config(run: RunDir) -> dict[str, Any] | None:
+    """The config saved inside the run's newest complete checkpoint (None without one)."""
+    latest = ckpt.latest_checkpoint(run.checkpoints)
+    if latest is None:
+        return None
+    try:
+        state = torch.load(latest[1] / ckpt.TRAINER_STATE, weights_only=False)
+    except Exception:        # noqa: BLE001 - damaged: the resume itself will report it
+        return None
+    config = state.get("config") if isinstance(state, dict) else None
+    return dict(config) if isinstance(config, dict) else None
 
 
 def _checkpoint_dir(source: str, key: str) -> Path:
@@ -314,6 +331,19 @@ class Trainer:
         if sources and source is None:
             raise ckpt.UnusableCheckpoint(f"no checkpoint of {run.path} could be loaded: "
                                           + "; ".join(u["error"] for u in unusable))
+        if state.step > cfg.train.steps:
+            raise ConfigError("train.steps", f"the run in {run.path} is at step {state.step}; train.steps="
+                                             f"{cfg.train.steps} is below it (raise it to extend the run, or start "
+                                             "a new run from an earlier checkpoint with branch_from)")
+        restarted = None
+        if source is None and main and run.exists():
+            done = [r["step"] for r in run.read_metrics("train")]
+            if done and max(done) > 0:            # history without a checkpoint to resume it from
+                restarted = max(done)
+                shutil.copyfile(run.metrics_path, run.path / "metrics.before-restart.jsonl")
+                print(f"ablate: warning: {run.path} has metrics up to step {restarted} but no complete "
+                      "checkpoint: starting over from step 0 (the old rows are kept in "
+                      "metrics.before-restart.jsonl)", file=sys.stderr)
         self.loader = data_mod.Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed,
                                       rank=info.rank, world_size=info.world_size, start_index=sample_index)
         state.data = data
@@ -331,6 +361,8 @@ class Trainer:
             run.clear_marker("STOP", "REQUEUE", "FAILED", "DONE")
             for row in unusable:            # after the truncation, so the record stays
                 self.log({**row, "step": state.step})
+            if restarted is not None:
+                self.log({"kind": "event", "event": "restart", "step": 0, "previous_last_step": restarted})
             if source is not None:
                 self.log({"kind": "event", "event": "resume" if resumable else "branch_from",
                           "step": state.step, "checkpoint": str(source), "world_size": info.world_size})
@@ -454,6 +486,7 @@ class Trainer:
         trainer_state = {"step": st.step, "data": self.loader.state_dict(), "tokens": st.step * tokens_per_step,
                          "world_size": info.world_size, "spike_history": list(self.spikes.history),
                          "skipped_steps": self.skipped_total, "consecutive_skips": self.consecutive_skips,
+                         "config": {**self.cfg.to_dict(), "derived": self.derived},
                          "callbacks": {cb.name: cb.on_checkpoint(st) for cb in self.callbacks}}
         saved = ckpt.save_checkpoint(run.checkpoints, st.step, self.model, self.optimizer, trainer_state,
                                      rng=rng_state(), rank=info.rank, barrier=self.backend.barrier,
@@ -478,8 +511,14 @@ class Trainer:
                 stop.install()
                 return self._loop(stop)
             except BaseException as e:
-                if not isinstance(e, KeyboardInterrupt) and run.exists() and (main or not run.has("FAILED")):
-                    run.set_marker("FAILED", f"{type(e).__name__}: {e}")     # any rank: the first cause wins
+                # a config refusal leaves the run as it was: it did not fail, it was not run
+                if (not isinstance(e, (KeyboardInterrupt, ConfigError)) and run.exists()
+                        and (main or not run.has("FAILED"))):
+                    try:
+                        run.set_marker("FAILED", f"{type(e).__name__}: {e}")     # any rank: the first cause wins
+                    except OSError as marker_error:       # a read-only or full disk: keep the real cause
+                        print(f"ablate: warning: could not write {run.marker('FAILED')}: {marker_error}",
+                              file=sys.stderr)
                 raise
         finally:
             self.backend.close()       # DeepSpeed: engine.destroy() + gc before the group goes down

@@ -126,3 +126,49 @@ def test_eval_refuses_a_run_dir_in_use(finished_run, tmp_path):
             evaluate_run(run, "latest", EvalSpec(["ablate_val_ppl"], limit=1))
     finally:
         holder.release()
+
+
+def test_odd_run_dir_states(finished_run, tiny_dict, tmp_path, capsys):
+    from train.cli import main
+    # metrics lines that are JSON but not rows are set aside, not a crash
+    run = copy_run(finished_run, tmp_path / "rows")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('[1, 2]\n{"kind": "train", "step": "x"}\n')
+    (run / "DONE").unlink()
+    assert train(make_cfg(tiny_dict, train__steps=13), run).status == "done"
+    assert "[1, 2]" in (run / "metrics.unreadable.jsonl").read_text()
+    # a damaged config.yaml: exit 2 naming it
+    bad = copy_run(finished_run, tmp_path / "bad")
+    (bad / "config.yaml").write_text("- just\n- a list\n")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_dict))
+    assert main(["train", str(cfg_path), "--run-dir", str(bad)]) == 2
+    assert "config.yaml is damaged" in capsys.readouterr().err
+    # train.steps below the run's step: refused, nothing rewritten
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as e:
+        train(make_cfg(tiny_dict, train__steps=5), run)
+    assert e.value.key == "train.steps" and (run / "config.yaml").read_text() == before
+    assert not (run / "FAILED").exists()
+    # checkpoints gone, metrics left: starts over with a warning, a restart event, the old rows kept
+    gone = copy_run(finished_run, tmp_path / "gone")
+    import shutil
+    shutil.rmtree(gone / "checkpoints")
+    assert train(make_cfg(tiny_dict, train__steps=2, checkpoint__every=0), gone).status == "done"
+    assert "starting over from step 0" in capsys.readouterr().err
+    assert [e["previous_last_step"] for e in train_rows(gone, "event") if e["event"] == "restart"] == [12]
+    assert (gone / "metrics.before-restart.jsonl").exists()
+    # generate --step abc: exit 2 naming --step
+    assert main(["generate", str(finished_run), "--step", "abc", "--max-new-tokens", "1"]) == 2
+    assert "--step" in capsys.readouterr().err
+
+
+def test_deleted_config_yaml_still_guards_the_resume(finished_run, tiny_dict, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "config.yaml").unlink()
+    (run / "DONE").unlink()
+    with pytest.raises(ConfigError) as e:                      # the checkpoint's own copy catches it
+        train(make_cfg(tiny_dict, model__d_model=64), run)
+    assert "model.d_model" in str(e.value)
+    assert train(make_cfg(tiny_dict, train__steps=13), run).status == "done"
+    assert (run / "config.yaml").exists()
