@@ -34,8 +34,9 @@ def test_empty_corpus(make_cfg, tmp_path, builds):
     (tmp_path / "c" / "a.txt").write_text("")
     (tmp_path / "c" / "b.txt").write_text("\n\n   \n")
     (tmp_path / "c" / "c.jsonl").write_text('{"text": ""}\n\n')
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="empty") as e:
         prepare_data(make_cfg({"source": "files", "paths": [str(tmp_path / "c")]}), progress=False)
+    assert e.value.key == "data.paths" and "a.txt (0 bytes)" in str(e.value) and "c.jsonl" in str(e.value)
     assert builds() == [] and not list((tmp_path / "cache" / "tokenizers").glob("bpe*"))
 
 
@@ -134,3 +135,15 @@ def test_hf_missing_column(write_docs, make_cfg):
     with pytest.raises(DataError, match="no column 'body'"):
         prepare_data(make_cfg({"source": "hf", "hf": {"name": "json"}, "paths": [str(path)], "text_field": "body"}),
                      progress=False)
+
+
+def test_damaged_cached_tokenizer_is_refused(make_cfg, tmp_path):
+    cfg = make_cfg({"source": "files", "paths": [str(tmp_path / "docs")], "val_fraction": 0.0})
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world, " * 200)
+    prepare_data(cfg, progress=False)
+    [tok_json] = list((tmp_path / "cache" / "tokenizers").glob("bpe*/tokenizer.json"))
+    tok_json.write_text("{}")
+    with pytest.raises(DataError, match="damaged") as e:
+        prepare_data(cfg, progress=False)
+    assert e.value.key == "tokenizer" and str(tok_json) in str(e.value)

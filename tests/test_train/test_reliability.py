@@ -172,3 +172,11 @@ def test_deleted_config_yaml_still_guards_the_resume(finished_run, tiny_dict, tm
     assert "model.d_model" in str(e.value)
     assert train(make_cfg(tiny_dict, train__steps=13), run).status == "done"
     assert (run / "config.yaml").exists()
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_any_work(tiny_dict, tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a run dir")
+    with pytest.raises(ConfigError) as e:
+        train(make_cfg(tiny_dict), path)
+    assert e.value.key == "--run-dir" and "not a directory" in e.value.message

@@ -62,6 +62,25 @@ def _finish(cfg: Any, entry: Path, meta: dict[str, Any], tok: TokenizerInfo | No
     return prepared
 
 
+def _corpus_files(corpus: Any) -> str:
+    """The files behind a corpus, for an error message (its source kind when it has none)."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "path" in node and "size" in node:
+                found.append(f"{node['path']} ({node['size']} bytes)")
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    desc = corpus.describe(False)
+    walk(desc)
+    return ", ".join(found) if found else f"data.source={desc.get('source', {}).get('kind', '?')}"
+
+
 def _prepare_text(cfg: Any, root: Path, full_hash: bool, progress: bool) -> PreparedData:
     d = cfg.data
     corpus = build_corpus(d)
@@ -71,7 +90,13 @@ def _prepare_text(cfg: Any, root: Path, full_hash: bool, progress: bool) -> Prep
         tok = pretrained_tokenizer(root, cfg.tokenizer.path, progress)
     else:
         text_id = content_id(index, corpus.tokenizer_describe, full_hash)
-        tok = bpe_tokenizer(root, cfg.tokenizer, text_id, corpus.train_texts, progress)
+        try:
+            tok = bpe_tokenizer(root, cfg.tokenizer, text_id, corpus.train_texts, progress)
+        except DataError as e:
+            if "corpus is empty" not in str(e):
+                raise
+            raise DataError(corpus.key, f"the corpus is empty: no non-empty training documents in "
+                                        f"{_corpus_files(corpus)}") from None
     dtype = dtype_for(tok.vocab_size, d.dtype)
     inputs = content_id(index, corpus.describe, full_hash)
     key_desc = {"version": CACHE_VERSION, "inputs": inputs, "tokenizer": tok.sha256, "dtype": dtype.name}
@@ -81,7 +106,7 @@ def _prepare_text(cfg: Any, root: Path, full_hash: bool, progress: bool) -> Prep
         counts = tokenize_corpus(corpus.split_docs(), (tok.dir / "tokenizer.json").read_text(), tok.eos_id,
                                  dtype, tmp, d.num_proc, corpus.total_bytes, progress)
         if counts["train"]["docs"] + counts["val"]["docs"] == 0:
-            raise DataError(corpus.key, "the corpus is empty: no non-empty documents")
+            raise DataError(corpus.key, f"the corpus is empty: no non-empty documents in {_corpus_files(corpus)}")
         return {"splits": counts, "dtype": dtype.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
                 "pad_id": tok.pad_id, "tokenizer": tok.key, "key": key_desc, "what": f"data.source={d.source}"}
 

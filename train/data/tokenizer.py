@@ -90,6 +90,12 @@ def _save(hf_tok: Any, dest: Path) -> dict[str, Any]:
 
 
 def _info(entry: Path, meta: dict[str, Any]) -> TokenizerInfo:
+    """The cache entry's tokenizer, checked against the hash recorded when it was built (a
+    damaged tokenizer.json would otherwise be copied into run dirs unnoticed)."""
+    path = entry / "tokenizer.json"
+    if not path.is_file() or sha256_file(path) != meta["sha256"]:
+        raise DataError("tokenizer", f"the cached tokenizer {path} is missing or damaged (it does not match the "
+                                     f"hash recorded when it was built): delete {entry} to rebuild it")
     return TokenizerInfo(entry, entry.name, meta["sha256"], meta["vocab_size"], meta["eos_id"], meta["pad_id"])
 
 
