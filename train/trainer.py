@@ -309,41 +309,12 @@ class Trainer:
         resumable = [p for _, p in reversed(ckpt.complete_checkpoints(run.checkpoints))]
         sources = resumable or ([_checkpoint_dir(cfg.branch_from, "branch_from")] if cfg.branch_from else [])
         state = self.build(init_from=cfg.init_from if not sources else None)
-        sample_index, source, unusable = 0, None, []
-        for path in sources:
-            try:
-                saved_state = self._load_checkpoint(path)
-            except ConfigError:
-                raise                   # a setting that cannot resume it (DeepSpeed world size): not damage
-            except (Exception, CheckpointException) as e:        # DCP's is a BaseException
-                unusable.append({"kind": "event", "event": "checkpoint_unusable", "step": 0,
-                                 "checkpoint": str(path), "error": f"{type(e).__name__}: {e}"[:2000]})
-                continue
-            source = path
-            state.step, sample_index = saved_state["step"], saved_state["data"]["sample_index"]
-            self.spikes.history = list(saved_state.get("spike_history", []))
-            self.skipped_total = saved_state.get("skipped_steps", 0)
-            self.consecutive_skips = saved_state.get("consecutive_skips", 0)
-            for cb in self.callbacks:
-                cb.load_state_dict(saved_state.get("callbacks", {}).get(cb.name, {}))
-            set_rng_state(saved_state["rng"])
-            break
-        if sources and source is None:
-            raise ckpt.UnusableCheckpoint(f"no checkpoint of {run.path} could be loaded: "
-                                          + "; ".join(u["error"] for u in unusable))
+        source, sample_index, unusable = self._resume(sources)
         if state.step > cfg.train.steps:
             raise ConfigError("train.steps", f"the run in {run.path} is at step {state.step}; train.steps="
                                              f"{cfg.train.steps} is below it (raise it to extend the run, or start "
                                              "a new run from an earlier checkpoint with branch_from)")
-        restarted = None
-        if source is None and main and run.exists():
-            done = [r["step"] for r in run.read_metrics("train")]
-            if done and max(done) > 0:            # history without a checkpoint to resume it from
-                restarted = max(done)
-                shutil.copyfile(run.metrics_path, run.path / "metrics.before-restart.jsonl")
-                print(f"ablate: warning: {run.path} has metrics up to step {restarted} but no complete "
-                      "checkpoint: starting over from step 0 (the old rows are kept in "
-                      "metrics.before-restart.jsonl)", file=sys.stderr)
+        restarted = self._restart_without_checkpoint() if source is None and main else None
         self.loader = data_mod.Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed,
                                       rank=info.rank, world_size=info.world_size, start_index=sample_index)
         state.data = data
@@ -374,6 +345,44 @@ class Trainer:
                           "val_tokens": int(len(data.val.tokens)), "unigram_entropy": self.entropy,
                           "cache": data.cache_key})
         self.backend.barrier()
+
+    def _resume(self, sources: list[Path]) -> tuple[Path | None, int, list[dict[str, Any]]]:
+        """Load the first of `sources` that verifies and loads; returns (its path or None, the
+        data position, event rows for the ones that did not). None of them loading is an error."""
+        unusable = []
+        for path in sources:
+            try:
+                saved = self._load_checkpoint(path)
+            except ConfigError:
+                raise                   # a setting that cannot resume it (DeepSpeed world size): not damage
+            except (Exception, CheckpointException) as e:        # DCP's is a BaseException
+                unusable.append({"kind": "event", "event": "checkpoint_unusable", "step": 0,
+                                 "checkpoint": str(path), "error": f"{type(e).__name__}: {e}"[:2000]})
+                continue
+            self.state.step = saved["step"]
+            self.spikes.history = list(saved.get("spike_history", []))
+            self.skipped_total = saved.get("skipped_steps", 0)
+            self.consecutive_skips = saved.get("consecutive_skips", 0)
+            for cb in self.callbacks:
+                cb.load_state_dict(saved.get("callbacks", {}).get(cb.name, {}))
+            set_rng_state(saved["rng"])
+            return path, saved["data"]["sample_index"], unusable
+        if sources:
+            raise ckpt.UnusableCheckpoint(f"no checkpoint of {self.run.path} could be loaded: "
+                                          + "; ".join(u["error"] for u in unusable))
+        return None, 0, unusable
+
+    def _restart_without_checkpoint(self) -> int | None:
+        """A run dir with metrics but no checkpoint to resume them from starts over: say so, keep
+        the old rows aside, and return their last step (None when there is no such history)."""
+        run = self.run
+        done = [r["step"] for r in run.read_metrics("train")] if run.exists() else []
+        if not done or max(done) == 0:
+            return None
+        shutil.copyfile(run.metrics_path, run.path / "metrics.before-restart.jsonl")
+        print(f"ablate: warning: {run.path} has metrics up to step {max(done)} but no complete checkpoint: "
+              "starting over from step 0 (the old rows are kept in metrics.before-restart.jsonl)", file=sys.stderr)
+        return max(done)
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Verify (rank 0, checksums; `checkpoint.verify`) then load one checkpoint on every rank."""
