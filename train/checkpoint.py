@@ -20,11 +20,13 @@ import shutil
 import time
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -44,6 +46,10 @@ TRAINER_STATE = "trainer_state.pt"
 DS_META = "deepspeed.json"        # marks a DeepSpeed-format checkpoint
 DS_DIR = "deepspeed"              # engine.save_checkpoint's save_dir inside the step dir
 DS_TAG = "zero"                   # its tag (a subdirectory of DS_DIR)
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (full disk, lost mount): the message names the directory."""
 
 
 class UnusableCheckpoint(RuntimeError):
@@ -154,16 +160,33 @@ def _rng_file(rank: int) -> str:
     return f"rng-rank{rank:05d}.pt"
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint whose shards are still being written in the background (async save)."""
+
+    step: int
+    tmp: Path
+    final: Path
+    future: Any          # DCP's Future; done when this rank's shards are on disk
+    t0: float
+    blocking_seconds: float
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], rng: dict[str, Any] | None = None,
                     rank: int = 0, barrier: Callable[[], None] = lambda: None,
-                    agree: Callable[[bool], bool] = lambda flag: flag, engine: Any = None) -> dict[str, Any]:
+                    agree: Callable[[bool], bool] = lambda flag: flag, engine: Any = None,
+                    async_group: Any = False) -> dict[str, Any] | PendingSave:
     """Write checkpoint `step` atomically; returns {"seconds", "bytes", "path"} for the event row.
 
     Under a process group every rank calls this: each writes its DCP shards and its RNG state
     into the shared temporary directory; rank 0 renames it and writes COMPLETE only after all
     ranks have finished (barriers), so a checkpoint is never complete with a missing shard.
     With a DeepSpeed `engine` the model/optimizer part is the engine's own checkpoint.
+
+    async_group (not False): DCP's async save (the state is copied to CPU memory, then written
+    by a background thread; the process group for its collectives, None without one); returns
+    a PendingSave at once, and `finish_save` later makes it complete.
     """
     t0 = time.perf_counter()
     final = ckpt_root / step_name(step)
@@ -173,8 +196,10 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()                    # before any rank writes into it (an async writer makes it late)
     barrier()
     optim_empty = optimizer is not None and not optimizer.state
+    future = None
     if engine is not None:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
@@ -184,15 +209,21 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
         if (tmp / DS_DIR / DS_TAG).is_dir():
             _fsync_files(tmp / DS_DIR / DS_TAG)
         optim_empty = False
-    elif optimizer is not None:
-        # get_state_dict fills an empty optimizer's state with a zero-lr step (AdamW's counter
-        # becomes 1); undo that below so a checkpoint before the first step changes nothing
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
     else:
-        state = {"model": get_model_state_dict(model)}
-    if engine is None:
-        dcp.save(state, checkpoint_id=str(tmp))
+        if optimizer is not None:
+            # get_state_dict fills an empty optimizer's state with a zero-lr step (AdamW's counter
+            # becomes 1); undo that below so a checkpoint before the first step changes nothing
+            msd, osd = get_state_dict(model, optimizer)
+            state = {"model": msd, "optim": osd}
+        else:
+            state = {"model": get_model_state_dict(model)}
+        try:
+            if async_group is not False:
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group)
+            else:
+                dcp.save(state, checkpoint_id=str(tmp))
+        except (Exception, CheckpointException) as e:     # e.g. a full disk: say where it was writing
+            raise CheckpointWriteError(f"could not write checkpoint {tmp}: {type(e).__name__}: {e}") from e
     if optim_empty:
         optimizer.state.clear()
     trainer_state = {**trainer_state, "optim_empty": optim_empty}
@@ -200,8 +231,24 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
         torch.save(rng, tmp / _rng_file(rank))
     if rank == 0:
         torch.save(trainer_state, tmp / TRAINER_STATE)
+    pending = PendingSave(step, tmp, final, future, t0, time.perf_counter() - t0)
+    if future is not None:
+        return pending
+    return finish_save(pending, rank, barrier)
+
+
+def finish_save(pending: PendingSave, rank: int = 0, barrier: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Wait for this rank's shards, then (every rank, in lockstep) make the checkpoint complete:
+    fsync, barrier, rank 0 checksums every file, renames and writes COMPLETE last."""
+    if pending.future is not None:
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as e:
+            raise CheckpointWriteError(f"could not write checkpoint {pending.tmp}: {type(e).__name__}: {e}") from e
+    tmp, final = pending.tmp, pending.final
     _fsync_files(tmp)
     barrier()
+    checksum_seconds = 0.0
     if rank == 0:
         if final.exists():                      # renamed earlier but never marked complete
             shutil.rmtree(final)
@@ -209,13 +256,11 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
         files = checksum_files(tmp)             # every rank's files are written (barrier above)
         checksum_seconds = time.perf_counter() - t_sum
         os.rename(tmp, final)
-        (final / COMPLETE).write_text(json.dumps({"step": step, "files": files}) + "\n")
-        _fsync_dir(ckpt_root)
+        (final / COMPLETE).write_text(json.dumps({"step": pending.step, "files": files}) + "\n")
+        _fsync_dir(final.parent)
     barrier()
-    out = {"seconds": time.perf_counter() - t0, "bytes": _size(final), "path": str(final)}
-    if rank == 0:
-        out["checksum_seconds"] = checksum_seconds
-    return out
+    return {"seconds": time.perf_counter() - pending.t0, "bytes": _size(final), "path": str(final),
+            "checksum_seconds": checksum_seconds, "blocking_seconds": pending.blocking_seconds}
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

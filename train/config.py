@@ -194,6 +194,7 @@ class CheckpointConfig:
     keep_last: int = 2             # newest complete checkpoints kept
     keep_every: int = 0            # also keep every checkpoint whose step is a multiple of this
     verify: bool = True            # check the files' checksums on resume (a damaged one falls back)
+    async_save: bool = False       # write in the background (DCP async save); COMPLETE still comes last
 
     def validate(self, path: str) -> None:
         require(self.every >= 0, f"{path}.every", f"must be >= 0, got {self.every}")
@@ -288,6 +289,8 @@ class Config:
         require(not (self.optim.name == "muon" and self.model.param.kind != "sp"), "optim.name",
                 f"muon with model.param.kind={self.model.param.kind} is not supported yet (its rules are "
                 "written for AdamW); use adamw")
+        require(not (self.checkpoint.async_save and self.parallel.backend == "deepspeed"), "checkpoint.async_save",
+                "not available with parallel.backend=deepspeed (DeepSpeed writes its own checkpoints)")
         require(not (self.train.log_group_norms and self.parallel.backend == "deepspeed"), "train.log_group_norms",
                 "not available with parallel.backend=deepspeed (ZeRO owns the flattened gradients)")
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",

@@ -252,6 +252,8 @@ class Trainer:
         self.skipped_total = 0          # non-finite steps skipped in the whole run
         self.consecutive_skips = 0      # ... in a row, up to now (train.max_skipped_steps halts)
         self.logger: MetricLogger | None = None
+        self.pending: ckpt.PendingSave | None = None     # an async checkpoint still being written
+        self.async_group: Any = False                     # False: synchronous saves
         self.model: torch.nn.Module | None = None
         self.state: TrainState | None = None
 
@@ -303,6 +305,8 @@ class Trainer:
         if main:
             ckpt.clean_partial(run.checkpoints)
         self.backend.barrier()
+        if cfg.checkpoint.async_save:      # its own gloo group: background writes never meet the step's collectives
+            self.async_group = torch.distributed.new_group(backend="gloo") if self.backend.distributed else None
 
         # resume from the newest complete checkpoint that loads, or start (optionally from
         # another run's full state or weights)
@@ -488,24 +492,45 @@ class Trainer:
     def validate(self) -> float:
         return evaluate_loss(self.model, self.state.val_batches, self.device, self.cfg, self.backend)
 
-    def save(self) -> None:
-        """An atomic checkpoint of the whole state at this step boundary (then the keep policy)."""
-        st, info, run = self.state, self.info, self.run
+    def save(self, wait: bool = False) -> None:
+        """An atomic checkpoint of the whole state at this step boundary (then the keep policy).
+
+        With `checkpoint.async_save` the state is copied to CPU memory and written in the
+        background (at most one save in flight; `finish_pending` completes it at a later
+        boundary); `wait` (a stop, the end) writes it before returning."""
+        self.finish_pending()
+        st, info = self.state, self.info
         tokens_per_step = self.cfg.train.global_batch * self.cfg.data.seq_len
         trainer_state = {"step": st.step, "data": self.loader.state_dict(), "tokens": st.step * tokens_per_step,
                          "world_size": info.world_size, "spike_history": list(self.spikes.history),
                          "skipped_steps": self.skipped_total, "consecutive_skips": self.consecutive_skips,
                          "config": {**self.cfg.to_dict(), "derived": self.derived},
                          "callbacks": {cb.name: cb.on_checkpoint(st) for cb in self.callbacks}}
-        saved = ckpt.save_checkpoint(run.checkpoints, st.step, self.model, self.optimizer, trainer_state,
+        saved = ckpt.save_checkpoint(self.run.checkpoints, st.step, self.model, self.optimizer, trainer_state,
                                      rng=rng_state(), rank=info.rank, barrier=self.backend.barrier,
-                                     agree=self.backend.any, engine=self.backend.engine)
-        if info.is_main:
+                                     agree=self.backend.any, engine=self.backend.engine,
+                                     async_group=False if wait else self.async_group)
+        if isinstance(saved, ckpt.PendingSave):
+            self.pending = saved
+        else:
+            self._saved(st.step, saved)
+
+    def finish_pending(self, poll: bool = False) -> None:
+        """Complete the save in flight, every rank in lockstep; with `poll` only once every
+        rank's background write has finished (else it waits for them)."""
+        if self.pending is None or (poll and self.backend.any(not self.pending.future.done())):
+            return
+        pending, self.pending = self.pending, None
+        self._saved(pending.step, ckpt.finish_save(pending, self.info.rank, self.backend.barrier))
+
+    def _saved(self, step: int, saved: dict[str, Any]) -> None:
+        if self.info.is_main:
             if not saved.get("existed"):
-                self.log({"kind": "event", "event": "checkpoint", "step": st.step,
+                self.log({"kind": "event", "event": "checkpoint", "step": step,
                           "seconds": round(saved["seconds"], 4), "bytes": saved["bytes"],
-                          "checksum_seconds": round(saved.get("checksum_seconds", 0.0), 4)})
-            ckpt.prune(run.checkpoints, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+                          "checksum_seconds": round(saved.get("checksum_seconds", 0.0), 4),
+                          "blocking_seconds": round(saved.get("blocking_seconds", saved["seconds"]), 4)})
+            ckpt.prune(self.run.checkpoints, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
         self.backend.barrier()
 
     # ---- the loop -----------------------------------------------------------------------
@@ -544,8 +569,9 @@ class Trainer:
         val_loss, step_seconds, steps_timed = None, 0.0, 0
         try:
             while st.step < cfg.train.steps:
+                self.finish_pending(poll=True)              # an async save whose writes all finished
                 if self.backend.any(stop.requested()):      # every rank stops at the same boundary
-                    self.save()
+                    self.save(wait=True)
                     if main:
                         run.set_marker("REQUEUE", f"stopped at step {st.step}")
                         run.clear_marker("STOP")
@@ -585,7 +611,7 @@ class Trainer:
                     st.request_checkpoint = False
                     self.save()
 
-            self.save()
+            self.save(wait=True)
             for cb in self.callbacks:
                 cb.on_end(st)
             if val_loss is None:

@@ -54,11 +54,17 @@ def fsdp_run(setup):
 
 
 def test_ddp_matches_single_process(setup):
+    """Also the 2-rank flow of checkpoint.async_save (its own gloo group, COMPLETE after both ranks)."""
     run = setup["root"] / "ddp"
-    code, out = torchrun(setup, run, "parallel.backend=ddp")
+    code, out = torchrun(setup, run, "parallel.backend=ddp", "checkpoint.async_save=true")
     assert code == 0, out
     assert_close(losses(run), losses(setup["reference"]))
     assert out.count("run dir:") == 1            # only rank 0 reports
+    complete = ckpt.complete_checkpoints(run / "checkpoints")
+    assert [s for s, _ in complete] == [5, 10]
+    for _, path in complete:
+        ckpt.verify_checkpoint(path)
+        assert (path / "rng-rank00001.pt").exists()
 
 
 def test_fsdp2_matches_single_process_and_checkpoints_are_sharded(setup, fsdp_run):

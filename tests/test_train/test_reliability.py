@@ -180,3 +180,17 @@ def test_a_run_dir_that_is_a_file_is_refused_before_any_work(tiny_dict, tmp_path
     with pytest.raises(ConfigError) as e:
         train(make_cfg(tiny_dict), path)
     assert e.value.key == "--run-dir" and "not a directory" in e.value.message
+
+
+def test_a_full_disk_names_the_checkpoint_it_was_writing(tiny_dict, tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fs.FileSystemWriter, "write_data", full)
+    run = tmp_path / "run"
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"could not write checkpoint .*\.tmp-step-00000002"):
+        train(make_cfg(tiny_dict, train__steps=3, checkpoint__every=2), run)
+    assert "No space left on device" in (run / "FAILED").read_text() and ".tmp-step-00000002" in (run / "FAILED").read_text()
