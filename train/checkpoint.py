@@ -48,7 +48,7 @@ DS_DIR = "deepspeed"              # engine.save_checkpoint's save_dir inside the
 DS_TAG = "zero"                   # its tag (a subdirectory of DS_DIR)
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (full disk, lost mount): the message names the directory."""
 
 
