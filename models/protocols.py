@@ -13,7 +13,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from models.config import ModelConfig
-    from models.context import Aux, MixerContext
+    from models.context import MixerContext
     from models.tags import TagSpec
 
 class Mixer(Protocol):

@@ -103,10 +103,11 @@ def _seconds_per_call(fn: Callable[[], object], steps: int, warmup: int, device:
     return sorted(times)[len(times) // 2]
 
 
-def _random_batches(cfg: Config, n: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """`n` loader-shaped micro-batches of random tokens (labels: the inputs shifted by one)."""
+def random_batches(cfg: Config, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`n` loader-shaped micro-batches of uniformly random tokens (labels: the inputs shifted by
+    one), on the CPU like the loader's (train_step moves them)."""
     T, B, V = cfg.data.seq_len, cfg.train.micro_batch, cfg.model.vocab_size
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         w = torch.randint(0, V, (B, T + 1), generator=gen)
@@ -149,7 +150,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
     try:
         trainer = Trainer(cfg, None, info=info)
         state = trainer.build()
-        batches = _random_batches(cfg, trainer.accum, device)
+        batches = random_batches(cfg, trainer.accum)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = _seconds_per_call(lambda: trainer.train_step(batches), steps, warmup, device)

@@ -267,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: BLE001 - the last line of defence (DCP's errors are BaseExceptions)
-        if type(e).__name__ != "UnusableCheckpoint":      # its message already names the checkpoints
-            import traceback
-            traceback.print_exc()
-        print(f"ablate: error: {type(e).__name__}: {e}" if type(e).__name__ != "UnusableCheckpoint"
-              else f"ablate: error: {e}", file=sys.stderr)
+        from train.checkpoint import UnusableCheckpoint
+        if isinstance(e, UnusableCheckpoint):              # its one line already names the checkpoints
+            print(f"ablate: error: {e}", file=sys.stderr)
+            return 1
+        import traceback
+        traceback.print_exc()
+        print(f"ablate: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 

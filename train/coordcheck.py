@@ -99,18 +99,6 @@ def shape_config(cfg: Config, width: int | None = None, depth: int | None = None
     return c
 
 
-def random_batches(cfg: Config, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """n loader-shaped micro-batches of uniformly random tokens."""
-    g = torch.Generator().manual_seed(seed)
-    B, T, V = cfg.train.micro_batch, cfg.data.seq_len, cfg.model.vocab_size
-    out = []
-    for i in range(n):
-        w = torch.randint(0, V, (B, T + 1), generator=g)
-        out.append({"input_ids": w[:, :-1], "labels": w[:, 1:], "doc_ids": torch.zeros(B, T, dtype=torch.long),
-                    "indices": torch.arange(i * B, (i + 1) * B)})
-    return out
-
-
 def data_batches(cfg: Config, n: int) -> list[dict[str, torch.Tensor]]:
     """n micro-batches of the config's own training data (prepared and cached as for training)."""
     from train.data import Loader, prepare_data
@@ -123,7 +111,7 @@ def data_batches(cfg: Config, n: int) -> list[dict[str, torch.Tensor]]:
 def coordcheck(cfg: Config, widths: list[int], depths: list[int], steps: int = 10,
                batches: Callable[[Config], list[dict[str, torch.Tensor]]] | None = None) -> dict[str, Any]:
     """Measurements and fitted slopes across widths and depths. `batches(cfg)` gives the data
-    (default: the config's own training data)."""
+    (default: the config's own training data; `train.bench.random_batches` for random tokens)."""
     if batches is None:              # the config's data, prepared once: it does not depend on the shape
         own = data_batches(cfg, max(1, cfg.train.global_batch // cfg.train.micro_batch) * min(steps, 4))
         batches = lambda c: own     # noqa: E731

@@ -152,12 +152,6 @@ class Backend:
         dist.all_reduce(t)
         return t
 
-    def sum(self, value: float) -> float:
-        """The sum of a host number over ranks (reads the result back: a sync)."""
-        if not self.distributed:
-            return value
-        return float(self.all_sum(torch.tensor([value], dtype=torch.float64)).item())
-
     def any(self, flag: bool) -> bool:
         return any_rank(flag)
 

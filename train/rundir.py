@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 MARKERS = ("STOP", "REQUEUE", "DONE", "FAILED")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,15 +84,11 @@ class RunDir:
         """The saved config as a mapping; a file that does not parse as one is a ConfigError
         naming it (exit 2), not a traceback."""
         from models.registry import ConfigError
+        from train.config import read_yaml
         try:
-            data = yaml.safe_load(self.config_path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError("RUN_DIR", f"{self.config_path} is damaged: {e}") from None
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise ConfigError("RUN_DIR", f"{self.config_path} is damaged: not a mapping of config sections")
-        return data
+            return read_yaml(self.config_path)
+        except ConfigError as e:
+            raise ConfigError("RUN_DIR", f"{self.config_path} is damaged: {e.message}") from None
 
     def write_config(self, text: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ _requested = False
 _installed = False
 
 
-def _on_signal(signum, frame) -> None:
+def on_signal(signum, frame) -> None:
     global _requested
     _requested = True            # only a flag: a second signal during a save changes nothing
 
@@ -23,13 +23,13 @@ def install() -> None:
     """Flag-only handlers for SIGTERM / SIGUSR1 for the life of the process."""
     global _installed
     for sig in STOP_SIGNALS:
-        signal.signal(sig, _on_signal)
+        signal.signal(sig, on_signal)
     _installed = True
 
 
 def installed() -> bool:
     """Whether this process's handlers are ours (a training entry point) rather than a caller's."""
-    return _installed and signal.getsignal(signal.SIGTERM) is _on_signal
+    return _installed and signal.getsignal(signal.SIGTERM) is on_signal
 
 
 def requested() -> bool:

@@ -105,7 +105,7 @@ class StopRequest:
         signals.reset()               # a fresh in-process run (tests, notebooks)
         for sig in signals.STOP_SIGNALS:
             try:
-                self._old[sig] = signal.signal(sig, signals._on_signal)
+                self._old[sig] = signal.signal(sig, signals.on_signal)
             except ValueError:    # not the main thread (e.g. inside a test runner thread)
                 pass
 

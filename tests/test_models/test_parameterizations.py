@@ -13,12 +13,12 @@ from ablate_testing import make_cfg
 
 import models
 from models import registry
-from models.config import model_config
 from models.mup import MuP
 from models.parameterization import StandardParam
 from models.registry import ConfigError
 from models.tags import ROLES, TagSpec, registered_tags, tag_spec
-from train.coordcheck import coordcheck, random_batches
+from train.bench import random_batches
+from train.coordcheck import coordcheck
 from train.optim import param_groups
 
 BASE_W, BASE_D, SIGMA, LR, WD, EPS = 32, 2, 0.02, 1e-2, 0.1, 1e-8

@@ -12,7 +12,7 @@ import torch
 from ablate_testing import REPO, make_cfg, rewind, train_rows
 from test_models.doubles import registered
 
-from train.bench import _random_batches
+from train.bench import random_batches
 from train.callbacks import Callback, default_callbacks
 from train.parallel import init_distributed, shutdown_distributed
 from train.trainer import Trainer, train
@@ -51,7 +51,7 @@ def test_one_host_read_per_step(tiny_dict, backend):
         t = Trainer(cfg, info=info)
         t.build()
         assert t.accum == 4
-        batches = _random_batches(cfg, t.accum, t.device)
+        batches = random_batches(cfg, t.accum)
         t.train_step(batches)                          # warm up (lazy init, first optimizer state)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             metrics = t.train_step(batches)
@@ -75,7 +75,7 @@ def test_train_step_without_a_run_dir(tiny_dict, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     t = _trainer(tiny_dict)
     assert t.run is None and t.state.run is None
-    batches = _random_batches(t.cfg, t.accum, t.device)
+    batches = random_batches(t.cfg, t.accum)
     losses = [t.train_step(batches)["loss"] for _ in range(4)]
     assert losses[-1] < losses[0]                      # one fixed batch: memorised
     assert t.state.step == 4
@@ -100,7 +100,7 @@ def test_mean_terms_reproduce_the_whole_step_mean(tiny_dict):
         one = _trainer(tiny_dict, model__layers=layers, train__micro_batch=8)
         two = _trainer(tiny_dict, model__layers=layers, train__micro_batch=4)
         recording(one.backend), recording(two.backend)
-        [whole] = _random_batches(one.cfg, 1, one.device)
+        [whole] = random_batches(one.cfg, 1)
         halves = [{k: v[:4] for k, v in whole.items()}, {k: v[4:] for k, v in whole.items()}]
         m1, m2 = one.train_step([whole]), two.train_step(halves)
     for key in ("loss", "loss_test_aux", "loss_total", "grad_norm"):

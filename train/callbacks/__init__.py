@@ -38,7 +38,7 @@ class TrainState:
     cfg: Config
     model: nn.Module                       # the unwrapped model (the Decoder)
     optimizer: torch.optim.Optimizer
-    backend: Backend                       # collectives: backend.sum / any / barrier
+    backend: Backend                       # collectives: backend.all_sum / any / barrier
     run: RunDir | None                     # None: a run without a run dir (bench, coordcheck)
     log: Callable[[dict[str, Any]], None]  # append a metrics row (rank 0 writes; others drop it)
     device: torch.device
