@@ -2,8 +2,8 @@
 
 The `InTrainingEval` callback (eval/callbacks.py) calls `run_in_training_eval(...)` at every step
 boundary; it returns at once unless an evaluation is due. When it runs, it leaves the trainer
-exactly as it found it: the model's train/eval mode, no gradients, and every RNG state (lm-eval seeds python, numpy and torch), so
-a run with the hook has the same losses as one without.
+exactly as it found it: the model's train/eval mode, no gradients, and every RNG state (lm-eval
+seeds python, numpy and torch), so a run with the hook has the same losses as one without.
 
 FSDP2 / DDP: every rank must make the call (as the trainer does at each step). All ranks run
 the same requests in lockstep (eval/adapter.py), the reuse decision is rank 0's, and only rank
