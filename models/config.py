@@ -16,8 +16,9 @@ from models.schema import build, require, validate_tree
 class LayersConfig:
     """Which mixer each layer uses: pattern letters index `mixers`."""
 
-    pattern: str | list[str] = "A"
-    mixers: dict[str, Any] = field(default_factory=lambda: {"A": {"kind": "attention"}})
+    pattern: str | list[str] = "A"     # mixer letters repeated to n_layers, or a list of one letter per layer
+    mixers: dict[str, Any] = field(default_factory=lambda: {"A": {"kind": "attention"}})   # letter -> {kind:
+                                       # a registered mixer, plus that kind's keys}
 
     def letters(self, n_layers: int) -> list[str]:
         """The mixer letter of each of the n_layers layers (a string pattern repeats)."""
@@ -65,11 +66,11 @@ class FFNConfig:
     kind: str = "glu"              # mlp | glu | fused_linear (registered in models/ffn.py)
     activation: str = "swiglu"     # for glu: the GLU variant; for mlp: the activation
     hidden: int | Literal["auto"] = "auto"   # auto: parameter-matched width (models/widths.py)
-    multiple_of: int = 64
-    bias: bool = False
+    multiple_of: int = 64          # hidden: auto widths are rounded up to a multiple of this
+    bias: bool = False             # biases in the FFN's linear layers
     stochastic: StochasticConfig = field(default_factory=StochasticConfig)
-    # Swi+FT / StochA+FT: ReLU from 0-based step floor((1 - alpha) * train.steps) on (alpha = this).
-    relu_finetune_frac: float = 0.0
+    relu_finetune_frac: float = 0.0   # Swi+FT / StochA+FT: ReLU from 0-based step floor((1 - alpha) * train.steps)
+                                      # on (alpha = this; 0: off)
 
     def validate(self, path: str) -> None:
         FFNS.check(self.kind, f"{path}.kind")
@@ -91,9 +92,9 @@ class FFNConfig:
 
 @dataclass
 class NormConfig:
-    block: str = "rmsnorm"
-    final: str = "rmsnorm"
-    eps: float = 1.0e-6
+    block: str = "rmsnorm"         # the pre-norm before each mixer and FFN: rmsnorm | layernorm | none
+    final: str = "rmsnorm"         # the norm before the LM head
+    eps: float = 1.0e-6            # epsilon of every norm (QK-norm included)
 
     def validate(self, path: str) -> None:
         NORMS.check(self.block, f"{path}.block")
@@ -107,7 +108,7 @@ class MemoryConfig:
     (product keys: "Memory Layers at Scale", arXiv 2412.09764; models/memory.py)."""
 
     layers: list[int] = field(default_factory=list)   # 0-based layer indices
-    kind: str = "product_key"
+    kind: str = "product_key"         # the memory layer (registered in models/memory.py)
     heads: int = 4                    # memory heads, each with its own sub-key tables; their reads are summed
     k_dim: int = 512                  # query / key dimension (even: two halves of k_dim / 2)
     n_keys: int = 1024                # sub-keys per half: n_keys^2 value slots
@@ -163,17 +164,17 @@ class ParamConfig:
 
 @dataclass
 class ModelConfig:
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = 256                     # residual stream width
+    n_layers: int = 4                      # blocks (layer indices are 0-based everywhere)
+    n_heads: int = 4                       # attention heads (head dim d_model / n_heads must be even: RoPE)
     n_kv_heads: int | None = None          # null: same as n_heads (MHA)
     vocab_size: int | None = None          # null: the tokenizer's size, rounded up to a multiple of 64
-    max_seq_len: int = 1024
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    max_seq_len: int = 1024                # longest sequence: data.seq_len must fit; generation stops here
+    tie_embeddings: bool = True            # the LM head reuses the token embedding matrix
+    init_std: float = 0.02                 # std of normal-initialised weights (the parameterization may rescale it)
     residual_init_scaling: bool = False    # output projections get std / sqrt(2 * n_layers)
-    qk_norm: bool = False
-    rope_theta: float = 10000.0
+    qk_norm: bool = False                  # RMSNorm on each attention head's queries and keys
+    rope_theta: float = 10000.0            # RoPE base
     doc_mask: bool = False                 # attention never crosses document boundaries in a window
     loss_chunk_tokens: int = 2048          # LM-head cross-entropy in chunks of this many tokens (0: one pass)
     layers: LayersConfig = field(default_factory=LayersConfig)

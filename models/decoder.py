@@ -11,6 +11,8 @@ from outside (train/parallel). `forward` returns a `ModelOutput` (models/context
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -94,6 +96,17 @@ class Decoder(nn.Module):
             for new, old in getattr(module, "checkpoint_aliases", {}).items():
                 prefix = f"{plain_name(name)}." if name else ""
                 out[prefix + new] = prefix + old
+        return out
+
+    def layer_summary(self) -> list[dict[str, Any]]:
+        """Per layer: its mixer kind, the kernel its forward takes, and its FFN (kind/activation, or
+        memory/<kind>): the `layers` field of the run's `model` event."""
+        cfg, letters = self.cfg, self.cfg.layers.letters(self.cfg.n_layers)
+        out = []
+        for i, block in enumerate(self.blocks):
+            ffn = f"memory/{cfg.memory.kind}" if i in cfg.memory.layers else f"{cfg.ffn.kind}/{cfg.ffn.activation}"
+            out.append({"layer": i, "mixer": cfg.layers.mixers[letters[i]].kind,
+                        "kernel": getattr(block.mixer, "kernel", "torch"), "ffn": ffn})
         return out
 
     def new_cache(self) -> DecodeCache:

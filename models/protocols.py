@@ -25,6 +25,11 @@ class Mixer(Protocol):
     def new_cache(self) -> Any:
         """An empty per-layer decode cache."""
 
+    @property
+    def kernel(self) -> str:
+        """The code path the training forward takes (e.g. `sdpa_causal`, `torch_chunk`, `fla_chunk`):
+        recorded in the run's `model` event, so a speed difference can be traced to its kernel."""
+
     @staticmethod
     def flops_per_token(cfg: ModelConfig, mixer_cfg: Any, seq_len: int) -> float:
         """Training FLOPs per token beyond the parameter matmuls (attention scores, scans)."""

@@ -21,14 +21,16 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """An annotation as users write the value: `int | null`, `'cosine' | 'wsd'`, `list[str]`
+    (error messages and the key reference, train/keys.py)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)}]"
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)}]"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -61,7 +63,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         non_null = [a for a in args if a is not type(None)]
         if len(non_null) == 1:
             raise errors[0]
-        raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(path, f"expected {type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -114,16 +116,35 @@ def build(cls: type, data: dict, path: str = "") -> Any:
     """Build dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    sections = open_sections(cls)
+    moved = getattr(cls, "MOVED_KEYS", {})
     for key in data:
-        if key not in fields:
-            raise ConfigError(_join(path, str(key)), f"unknown key{suggest(str(key), list(fields))}; "
-                              f"known keys here: {', '.join(fields)}")
+        if key not in fields and key not in sections:
+            if key in moved:
+                raise ConfigError(_join(path, str(key)), f"this key moved: write {_join(path, moved[key])}")
+            known = [*fields, *sections]
+            raise ConfigError(_join(path, str(key)), f"unknown key{suggest(str(key), known)}; "
+                              f"known keys here: {', '.join(known)}")
     kwargs = {name: _convert(hints[name], data[name], _join(path, name)) for name in fields if name in data}
     for name, f in fields.items():
         if name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:
             raise ConfigError(_join(path, name), "required key is missing")
     obj = cls(**kwargs)
+    for name, section_cls in sections.items():
+        if name in data:
+            obj._sections[name] = _convert(section_cls, data[name], _join(path, name))
     return obj
+
+
+def open_sections(cls: type) -> dict[str, type]:
+    """{name: dataclass} of the sections a config class takes beyond its fields (a registry's
+    plug-in sections, e.g. `data.<source>`): the class's `open_sections()`, kept in `_sections`."""
+    return cls.open_sections() if hasattr(cls, "open_sections") else {}
+
+
+def section_values(obj: Any) -> dict[str, Any]:
+    """The open sections of a config object (see open_sections), by name."""
+    return dict(getattr(obj, "_sections", {}) or {})
 
 
 def validate_tree(obj: Any, path: str = "") -> None:
@@ -140,6 +161,8 @@ def validate_tree(obj: Any, path: str = "") -> None:
         elif isinstance(value, list):
             for i, v in enumerate(value):
                 validate_tree(v, f"{_join(path, f.name)}[{i}]")
+    for name, value in section_values(obj).items():
+        validate_tree(value, _join(path, name))
     if hasattr(obj, "validate"):
         obj.validate(path)
 
@@ -147,7 +170,9 @@ def validate_tree(obj: Any, path: str = "") -> None:
 def to_dict(obj: Any) -> Any:
     """Plain-Python (YAML-safe) view of a config tree."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out.update({name: to_dict(v) for name, v in section_values(obj).items()})
+        return out
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -9,7 +9,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -20,72 +20,102 @@ from models.schema import build, require, to_dict, validate_tree
 
 
 # ----------------------------------------------------------------------------- sections
-@dataclass
-class HFSourceConfig:
-    name: str | None = None
-    config: str | None = None
-    split: str = "train"
-    streaming: bool = False
-    max_docs: int | None = None            # streaming: stop after this many documents
+# Keys a data section (the run's, a mixture entry, a validation set) takes from the run's `data`.
+RUN_DATA_KEYS = ("seq_len", "seed", "cache_dir", "num_proc")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["embedded", "files", "hf", "pretokenized", "mixture"] = "embedded"
-    paths: list[str] = field(default_factory=list)
-    text_field: str = "text"
-    hf: HFSourceConfig = field(default_factory=HFSourceConfig)
-    mixture: list[dict[str, Any]] = field(default_factory=list)
-    seq_len: int = 256
-    seed: int = 0
-    cache_dir: str | None = None
-    val_fraction: float = 0.05             # fraction of documents held out for validation
-    val_paths: list[str] = field(default_factory=list)   # a separate validation source (files)
-    dtype: Literal["uint16", "uint32", "auto"] = "auto"  # pretokenized: dtype of the files
-    vocab_size: int | None = None          # pretokenized: the vocabulary the tokens come from
-    encoding_errors: Literal["error", "replace"] = "error"  # non-UTF-8 bytes in text files
+    """`data`: where tokens come from. `source` names a registered source (train/data/source.py);
+    a source's own keys are the section `data.<source name>` (e.g. `data.hf`)."""
+
+    source: str = "embedded"               # a registered source: embedded | files | hf | pretokenized | mixture
+    paths: list[str] = field(default_factory=list)   # files / pretokenized / hf data files: files, folders, globs
+    text_field: str = "text"               # the jsonl / json / parquet / hf column holding the text
+    mixture: list[dict[str, Any]] = field(default_factory=list)   # mixture: [{weight, <a data section>}, ...]
+    seq_len: int = 256                     # tokens per training sample (the model sees seq_len, predicts seq_len)
+    seed: int = 0                          # data order only (arms compared in pairs share it)
+    cache_dir: str | None = None           # token cache; null: $ABLATE_CACHE or ~/.cache/ablate
+    val_fraction: float = 0.05             # fraction of documents held out for validation (the `heldout` set)
+    val_paths: list[str] = field(default_factory=list)   # files that replace the held-out documents
+    val_sets: dict[str, dict[str, Any]] = field(default_factory=dict)   # more validation sets: name -> a data
+                                           # section (own `set` in val rows)
+    dtype: Literal["uint16", "uint32", "auto"] = "auto"  # token dtype of pretokenized files and of the cache
+    encoding_errors: Literal["error", "replace"] = "error"  # non-UTF-8 bytes in text files: fail or U+FFFD
     num_proc: int = 1                      # tokenization threads
-    embedded_max_bytes: int = 6_000_000    # cap on the embedded corpus size
+
+    # keys that moved into a source's own section
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"vocab_size": "pretokenized.vocab_size",
+                                            "embedded_max_bytes": "embedded.max_bytes"}
+
+    def __post_init__(self) -> None:
+        self._sections: dict[str, Any] = {name: cls() for name, cls in self.open_sections().items()}
+
+    def __getattr__(self, name: str) -> Any:      # data.<source>: a registered source's section
+        sections = self.__dict__.get("_sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"DataConfig has no attribute or source section '{name}'")
+
+    @classmethod
+    def open_sections(cls) -> dict[str, type]:
+        """The `data.<name>` sections: each registered source's config dataclass."""
+        from train.data.source import source_configs
+        return source_configs()
 
     def validate(self, path: str) -> None:
+        from train.data.source import registered_sources, source
+
         require(self.seq_len >= 2, f"{path}.seq_len", f"must be >= 2, got {self.seq_len}")
         require(0.0 <= self.val_fraction < 1.0, f"{path}.val_fraction",
                 f"must be in [0, 1), got {self.val_fraction}")
         require(self.num_proc >= 1, f"{path}.num_proc", f"must be >= 1, got {self.num_proc}")
-        if self.source in ("files", "pretokenized"):
-            require(len(self.paths) > 0, f"{path}.paths", f"data.source={self.source} needs at least one path")
-        if self.source == "hf":
-            require(self.hf.name is not None, f"{path}.hf.name", "data.source=hf needs a dataset name")
-        if self.source == "pretokenized":
-            require(self.vocab_size is not None, f"{path}.vocab_size",
-                    "data.source=pretokenized needs the vocabulary size of the tokens")
-        if self.source == "mixture":
-            require(len(self.mixture) > 0, f"{path}.mixture", "data.source=mixture needs at least one entry")
-            for i, entry in enumerate(self.mixture):
-                key = f"{path}.mixture[{i}]"
-                require(isinstance(entry, dict), key, "expected a mapping {weight, source, ...}")
-                weight = entry.get("weight")
-                require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
-                        f"{key}.weight", f"must be a number > 0, got {weight!r}")
-                sub = {k: v for k, v in entry.items() if k != "weight"}
-                require(sub.get("source", "embedded") != "mixture", f"{key}.source", "mixtures cannot nest")
-                child = build(DataConfig, sub, key)
-                validate_tree(child, key)
+        registered_sources().check(self.source, f"{path}.source")
+        source(self.source, f"{path}.source").check(self, path)
+        for i, (_, child) in enumerate(self.mixture_sources(path)):
+            key = f"{path}.mixture[{i}]"
+            require(source(child.source, f"{key}.source").text, f"{key}.source",
+                    f"'{child.source}' cannot be mixed: a mixture interleaves documents of text sources")
+        for name in self.val_sets:
+            require(isinstance(name, str) and name.isidentifier() and name != "heldout", f"{path}.val_sets.{name}",
+                    "a validation set's name is an identifier other than 'heldout' (the held-out split's)")
+        self.val_set_configs(path)
 
-    def mixture_sources(self) -> list[tuple[float, "DataConfig"]]:
+    def _child(self, raw: Any, key: str, refused: tuple[str, ...], fixed: dict[str, Any]) -> "DataConfig":
+        """A nested data section (mixture entry, validation set): the run's RUN_DATA_KEYS, plus `fixed`."""
+        require(isinstance(raw, dict), key, f"expected a mapping (a data section), got {raw!r}")
+        for k in refused:
+            require(k not in raw, f"{key}.{k}", f"the run's data.{k} applies here" if k in RUN_DATA_KEYS
+                    else "has no meaning here")
+        child = build(DataConfig, {**raw, **{k: getattr(self, k) for k in RUN_DATA_KEYS}, **fixed}, key)
+        validate_tree(child, key)
+        return child
+
+    def mixture_sources(self, path: str = "data") -> list[tuple[float, "DataConfig"]]:
         """(weight, DataConfig) of each mixture entry; the seq_len, seed and cache are the parent's."""
         out = []
         for i, entry in enumerate(self.mixture):
+            key = f"{path}.mixture[{i}]"
+            require(isinstance(entry, dict), key, "expected a mapping {weight, source, ...}")
+            weight = entry.get("weight")
+            require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+                    f"{key}.weight", f"must be a number > 0, got {weight!r}")
             sub = {k: v for k, v in entry.items() if k != "weight"}
-            child = build(DataConfig, sub, f"data.mixture[{i}]")
-            out.append((float(entry["weight"]), child))
+            require(sub.get("source", "embedded") != "mixture", f"{key}.source", "mixtures cannot nest")
+            out.append((float(weight), self._child(sub, key, RUN_DATA_KEYS + ("val_sets",), {})))
         return out
+
+    def val_set_configs(self, path: str = "data") -> dict[str, "DataConfig"]:
+        """{name: DataConfig} of `data.val_sets`: each read whole as validation text."""
+        refused = RUN_DATA_KEYS + ("val_sets", "val_fraction", "val_paths")
+        return {name: self._child(raw, f"{path}.val_sets.{name}", refused, {"val_fraction": 0.0})
+                for name, raw in self.val_sets.items()}
 
 
 @dataclass
 class TokenizerConfig:
     kind: Literal["bpe", "pretrained"] = "bpe"   # bpe: train a byte-level BPE; pretrained: load `path`
-    vocab_size: int = 4096
+    vocab_size: int = 4096                         # bpe: the trained vocabulary's size (EOS and PAD included)
     path: str | None = None                        # local folder (or hub name, online)
     train_bytes: int = 20_000_000                  # bpe: at most this much text is used to train
 
@@ -101,8 +131,8 @@ class ProfileConfig:
     """`train.profile`: a torch.profiler window of `steps` steps after step `start` (0: the first
     steps), written as Chrome traces under RUN_DIR/profile/. steps 0: off."""
 
-    start: int = 0
-    steps: int = 0
+    start: int = 0                 # steps before the window (0: it opens with the first step)
+    steps: int = 0                 # steps profiled (0: off)
 
     def validate(self, path: str) -> None:
         require(self.start >= 0, f"{path}.start", f"must be >= 0, got {self.start}")
@@ -111,19 +141,19 @@ class ProfileConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    global_batch: int = 8
-    micro_batch: int = 8
-    log_every: int = 10
-    val_every: int = 50
-    val_batches: int = 4
-    peak_tflops: float | None = None
-    z_loss: float = 0.0
-    nonfinite: Literal["skip", "halt"] = "skip"
+    steps: int = 100               # optimizer steps (raise it on resume to extend a run)
+    global_batch: int = 8          # sequences per optimizer step, over all ranks and micro-batches
+    micro_batch: int = 8           # sequences per rank per forward (accumulation: global / (micro x ranks))
+    log_every: int = 10            # a `train` metrics row every this many steps (and at the last)
+    val_every: int = 50            # validation every this many steps (0: only at the end; the last always)
+    val_batches: int = 4           # validation micro-batches: the first val_batches x micro_batch windows
+    peak_tflops: float | None = None   # one device's peak for mfu; null: nominal bf16 of known GPUs (none on CPU)
+    z_loss: float = 0.0            # weight of the z-loss, logsumexp(logits)^2 per target token (loss_z); 0: off
+    nonfinite: Literal["skip", "halt"] = "skip"   # a non-finite loss or grad norm: skip the update, or fail
     spike_window: int = 0          # loss-spike detector: moving window of steps (0 = off)
     spike_sigma: float = 6.0       # a spike is a loss above mean + sigma * std of the window
-    spike_action: Literal["log", "skip"] = "log"
-    progress: bool = True
+    spike_action: Literal["log", "skip"] = "log"   # a spike: an event row only, or also skip the update
+    progress: bool = True          # progress bars on stderr (rank 0): data preparation and training
     max_skipped_steps: int = 10    # halt (FAILED) after this many consecutive non-finite skipped steps (0: never)
     log_group_norms: bool = False  # per optimizer group: grad norm and update/parameter RMS ratio, at log_every
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -143,11 +173,11 @@ class TrainConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
-    warmup: int = 0
+    kind: Literal["cosine", "wsd", "linear", "constant"] = "cosine"   # the LR factor after warmup (train/schedule.py)
+    warmup: int = 0                # steps of linear warmup, from lr / warmup at step 0 up to lr
     decay_frac: float = 0.2        # wsd: the final fraction of steps that decays
     decay_start: int | None = None  # wsd: explicit first decay step (overrides decay_frac)
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1      # the final LR as a fraction of the peak (cosine, linear, wsd)
 
     def validate(self, path: str) -> None:
         require(self.warmup >= 0, f"{path}.warmup", f"must be >= 0, got {self.warmup}")
@@ -160,20 +190,20 @@ class ScheduleConfig:
 
 @dataclass
 class MuonConfig:
-    lr: float = 0.02
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
+    lr: float = 0.02                   # peak LR of the Muon groups (hidden matrices); the schedule scales it
+    momentum: float = 0.95             # beta of the momentum buffer (an EMA of the gradients)
+    nesterov: bool = True              # orthogonalise (1 - beta) G + beta B instead of the buffer B
+    ns_steps: int = 5                  # Newton-Schulz iterations approximating the momentum's U V^T
     weight_decay: float | None = None  # null: optim.weight_decay
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "muon"] = "adamw"
-    lr: float = 3.0e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1.0e-8
-    weight_decay: float = 0.1
+    name: Literal["adamw", "muon"] = "adamw"   # muon: Muon for hidden matrices, AdamW for the rest (train/muon.py)
+    lr: float = 3.0e-3               # peak LR of the AdamW groups (times each group's rule); the schedule scales it
+    betas: tuple[float, float] = (0.9, 0.95)   # AdamW (beta1, beta2), Muon's AdamW groups included
+    eps: float = 1.0e-8              # AdamW epsilon (times the parameterization's per-group multiplier)
+    weight_decay: float = 0.1        # decoupled; times each group's multiplier (sp: block matrices and tables only)
     grad_clip: float = 1.0           # 0 disables clipping
     fused: bool | None = None        # null: fused AdamW when on CUDA
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -204,9 +234,9 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: Literal["none", "ddp", "fsdp2", "deepspeed"] = "none"
+    backend: Literal["none", "ddp", "fsdp2", "deepspeed"] = "none"   # none: one process; the others: torchrun
     zero_stage: int = 1                # deepspeed: ZeRO stage 1, 2 or 3
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = True   # fsdp2: free gathered parameters after forward (gather again in backward)
     activation_checkpointing: str = "none"   # none | full | every_k (checkpoint blocks 0, k, 2k, ...)
     ac_every: int = 2                  # every_k: k
     compile: bool = False              # torch.compile each block
@@ -237,31 +267,32 @@ class ParallelConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0
-    tasks: list[str] = field(default_factory=list)
-    limit: int | None = None
-    include_path: str | None = None
-    data_dir: str | None = None
+    every: int = 0                 # lm-eval in the loop every this many steps and at the last (0: off)
+    tasks: list[str] = field(default_factory=list)   # lm-eval task names of the in-loop evaluation
+    limit: int | None = None       # in the loop: at most this many documents per task (null: all)
+    include_path: str | None = None   # extra folder of task YAMLs (also `ablate eval`'s default --include-path)
+    data_dir: str | None = None    # folder with hellaswag/ and arc_easy/ (also `ablate eval`'s default --data-dir)
 
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str | None = None
-    wandb_mode: Literal["online", "offline"] = "offline"
+    tensorboard: bool = False      # mirror the metrics rows' numbers to TensorBoard (RUN_DIR/tensorboard)
+    wandb: bool = False            # mirror them to Weights & Biases (run name: `name`; files under RUN_DIR)
+    wandb_project: str | None = None   # W&B project; null: ablate
+    wandb_mode: Literal["online", "offline"] = "offline"   # offline: nothing is sent until `wandb sync`
 
 
 @dataclass
 class LaunchConfig:
-    setup: list[str] = field(default_factory=list)
-    template: str | None = None
+    setup: list[str] = field(default_factory=list)   # for `ablate launch` (not built yet): shell lines run before
+                                                     # training on compute nodes; nothing reads it today
+    template: str | None = None    # for `ablate launch` (not built yet): a job script template; nothing reads it today
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0                  # model init and the process RNGs (stochastic masks too); not the data order
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when there is a GPU, else CPU
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -295,17 +326,22 @@ class Config:
                 "not available with parallel.backend=deepspeed (ZeRO owns the flattened gradients)")
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        if self.model.vocab_size is not None and self.tokenizer.kind == "bpe" and self.data.source != "pretokenized":
+        if self.model.vocab_size is not None and self.tokenizer.kind == "bpe" and self.source_vocab() is None:
             require(self.model.vocab_size >= self.tokenizer.vocab_size, "model.vocab_size",
                     f"model.vocab_size={self.model.vocab_size} is smaller than "
                     f"tokenizer.vocab_size={self.tokenizer.vocab_size}")
+
+    def source_vocab(self) -> int | None:
+        """The training source's own vocabulary, when its config says it (pretokenized, synthetic)."""
+        from train.data.source import source
+        return source(self.data.source).vocab_size(self.data)
 
     def resolved_vocab_size(self, tokenizer_vocab: int | None = None) -> int:
         """The model's vocabulary: model.vocab_size, else the tokenizer's rounded up to 64."""
         if self.model.vocab_size is not None:
             return self.model.vocab_size
         if tokenizer_vocab is None:
-            tokenizer_vocab = self.data.vocab_size if self.data.source == "pretokenized" else self.tokenizer.vocab_size
+            tokenizer_vocab = self.source_vocab() or self.tokenizer.vocab_size
         return 64 * math.ceil(tokenizer_vocab / 64)
 
     def to_dict(self) -> dict[str, Any]:

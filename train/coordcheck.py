@@ -104,7 +104,7 @@ def data_batches(cfg: Config, n: int) -> list[dict[str, torch.Tensor]]:
     from train.data import Loader, prepare_data
     data = prepare_data(cfg, progress=False)
     resolve_config(cfg, data.vocab_size)
-    loader = Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed)
+    loader = Loader(data.train_samples(cfg.data.seq_len, cfg.data.seed), cfg.train.micro_batch)
     return [loader.next_batch() for _ in range(n)]
 
 

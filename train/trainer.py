@@ -13,6 +13,7 @@ checkpoint, profiling) is a callback (train/callbacks); the trainer never change
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import shutil
@@ -21,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +30,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import models
 from models.context import LossTerm
-from models.flops import flops_per_token
+from models.flops import count_params, flops_per_token
 from models.loss import IGNORE_INDEX
 from models.registry import ConfigError
 from train import checkpoint as ckpt
 from train.callbacks import Callback, TrainState, default_callbacks
 from train.config import Config, config_drift, dump_config, resolve_config
+from train.console import Console, interactive
 from train.group_stats import GroupStats
 from train.optim import build_optimizer, set_lr
 from train.parallel import DistInfo, check_same_config, init_distributed, make_backend, shutdown_distributed
@@ -74,16 +76,6 @@ def objective_terms(losses: dict[str, LossTerm], n_targets: float | torch.Tensor
     the number of micro-batches in the step across all ranks (accumulation x data-parallel
     ranks); summed over micro-batches and ranks this is the whole step's mean objective."""
     return {name: t.value / (n_targets if t.reduction == "sum" else n_micro) for name, t in losses.items()}
-
-
-def unigram_entropy(tokens: np.ndarray, max_tokens: int = 1 << 24) -> float:
-    """Entropy (nats) of the token frequency distribution: what a context-free model reaches.
-
-    Estimated from the first `max_tokens` tokens, so start-up stays cheap on a large corpus
-    (exact for the quickstart's 1.6M tokens)."""
-    counts = np.bincount(np.asarray(tokens[:max_tokens]))
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 def install_stop_handlers() -> None:
@@ -156,7 +148,6 @@ def prepare_run_dir(cfg: Config, run: RunDir, resume: bool) -> dict[str, Any] | 
             if resume:
                 raise ConfigError("--resume", f"no run to resume at {run.path} (no config.yaml)")
             return None
-    saved.pop("code_version", None)
     derived = saved.get("derived") or {"model.vocab_size": "tokenizer"}   # older runs: no record
     current = cfg.to_dict()
     for key in derived:          # still null here: resolve_config derives them the same way later
@@ -166,7 +157,7 @@ def prepare_run_dir(cfg: Config, run: RunDir, resume: bool) -> dict[str, Any] | 
             mine, theirs = mine.get(part, {}), theirs.get(part, {})
         if mine.get(leaf) is None:
             mine[leaf] = theirs.get(leaf)
-    drift = config_drift(saved, current)
+    drift = config_drift({k: v for k, v in saved.items() if k != "code_version"}, current)
     if drift:
         raise ConfigError("", f"the config differs from the one saved in {run.config_path} in keys that "
                               f"cannot change on resume:\n  " + "\n  ".join(drift)
@@ -175,27 +166,41 @@ def prepare_run_dir(cfg: Config, run: RunDir, resume: bool) -> dict[str, Any] | 
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
-                  cfg: Config, backend: Any = None) -> float:
-    """Mean per-token CE over fixed validation batches, read from the device once. Under FSDP2
-    every rank runs all of them in lockstep (each rank must join each forward)."""
+def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
+             cfg: Config, backend: Any = None, metrics: Any = None) -> tuple[float, dict[str, float]]:
+    """Mean per-token CE over fixed validation batches and the source's metrics from the logits
+    (`metrics(logits, batch) -> {name: (sum, count)}`, None: no logits are made). The losses are
+    read from the device once. Under FSDP2 every rank runs all of them in lockstep."""
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
+    sums: dict[str, list[float]] = {}
     for b in batches:
         with (backend.autocast() if backend is not None else autocast(device)):
-            out = model(**batch_inputs(b, device, cfg.model.doc_mask))
+            out = model(**batch_inputs(b, device, cfg.model.doc_mask), return_logits=metrics is not None)
         total += out.losses["ce"].value.double()
         count += int((b["labels"] != IGNORE_INDEX).sum())
+        if metrics is not None:
+            for name, (value, n) in metrics(out.logits, b).items():
+                acc = sums.setdefault(name, [0.0, 0])
+                acc[0], acc[1] = acc[0] + float(value), acc[1] + int(n)
     model.train()
-    return float(total) / max(count, 1)
+    return float(total) / max(count, 1), {name: v / max(n, 1) for name, (v, n) in sums.items()}
+
+
+def evaluate_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                  cfg: Config, backend: Any = None) -> float:
+    """Mean per-token CE over fixed validation batches (see `evaluate`)."""
+    return evaluate(model, batches, device, cfg, backend)[0]
 
 
 def batch_inputs(batch: dict[str, torch.Tensor], device: torch.device, doc_mask: bool) -> dict[str, Any]:
     """The forward's keyword arguments for one loader batch, on the device."""
-    return {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device),
-            "doc_ids": batch["doc_ids"].to(device) if doc_mask else None,
-            "sample_index": batch["indices"].to(device)}
+    nb = device.type == "cuda"      # the prefetcher pins host memory, so the copy overlaps compute
+    return {"input_ids": batch["input_ids"].to(device, non_blocking=nb),
+            "labels": batch["labels"].to(device, non_blocking=nb),
+            "doc_ids": batch["doc_ids"].to(device, non_blocking=nb) if doc_mask else None,
+            "sample_index": batch["indices"].to(device, non_blocking=nb)}
 
 
 def train_device(cfg: Config, info: DistInfo) -> torch.device:
@@ -256,6 +261,14 @@ class Trainer:
         self.async_group: Any = False                     # False: synchronous saves
         self.model: torch.nn.Module | None = None
         self.state: TrainState | None = None
+        self.t0 = time.perf_counter()
+        self.time_offset = 0.0          # the resumed checkpoint's time_s: time_s continues across segments
+        self.batches: Any = None          # the Prefetcher (train/data/prefetch.py), built in setup
+        self.console: Console | None = None
+
+    def elapsed(self) -> float:
+        """Wall time of the whole run: earlier segments (from the checkpoint) plus this process's."""
+        return self.time_offset + time.perf_counter() - self.t0
 
     def log(self, row: dict[str, Any]) -> None:
         if self.logger is not None:
@@ -289,10 +302,13 @@ class Trainer:
 
         cfg, run, info, main = self.cfg, self.run, self.info, self.info.is_main
         saved = prepare_run_dir(cfg, run, self.resume)
-        self.data = data_mod.prepare_data(cfg, progress=cfg.train.progress and main)
+        self.first_code_version = (saved or {}).get("code_version")     # config.yaml keeps the first segment's
+        bars = cfg.train.progress and main and interactive()             # no tokenizer bars in a log file
+        self.data = data_mod.prepare_data(cfg, progress=bars)
+        self.val_data = data_mod.prepare_val_sets(cfg, self.data, progress=bars)
         self.derived = {**((saved or {}).get("derived") or {}), **resolve_config(cfg, self.data.vocab_size)}
         if cfg.model.vocab_size < self.data.vocab_size:
-            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
+            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the data's "
                                                   f"vocabulary ({self.data.vocab_size})")
         check_same_config(info, cfg.to_dict())
         self.logger = MetricLogger(cfg, run) if main else None   # fails early on a missing tensorboard / wandb
@@ -319,17 +335,22 @@ class Trainer:
                                              f"{cfg.train.steps} is below it (raise it to extend the run, or start "
                                              "a new run from an earlier checkpoint with branch_from)")
         restarted = self._restart_without_checkpoint() if source is None and main else None
-        self.loader = data_mod.Loader(data.train, cfg.data.seq_len, cfg.train.micro_batch, cfg.data.seed,
-                                      rank=info.rank, world_size=info.world_size, start_index=sample_index)
+        loader = data_mod.Loader(data.train_samples(cfg.data.seq_len, cfg.data.seed), cfg.train.micro_batch,
+                                 rank=info.rank, world_size=info.world_size, start_index=sample_index)
+        self.batches = data_mod.Prefetcher(loader, self.accum, self.device)
         state.data = data
-        state.val_batches = data_mod.val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch,
-                                                 cfg.train.val_batches)
-        self.entropy = unigram_entropy(data.train.tokens)
+        state.val_sets = {name: data_mod.fixed_batches(ds.val_samples(cfg.data.seq_len), cfg.train.micro_batch,
+                                                       cfg.train.val_batches) for name, ds in self.val_data.items()}
+        state.val_batches = next(iter(state.val_sets.values()), [])
+        summary = data.summary()
+        self.entropy = summary.get("unigram_entropy")
+        version = code_version()
 
         # setup succeeded: only now is the run dir touched
         if main:
             run.path.mkdir(parents=True, exist_ok=True)
-            run.write_config(dump_config(cfg, {"derived": self.derived, "code_version": code_version()}))
+            run.write_config(dump_config(cfg, {"derived": self.derived,
+                                               "code_version": self.first_code_version or version}))
             if data.tokenizer_dir is not None and not run.tokenizer_dir.exists():
                 data_mod.copy_tokenizer(data, run.tokenizer_dir)
             run.truncate_metrics(state.step)
@@ -340,15 +361,31 @@ class Trainer:
                 self.log({"kind": "event", "event": "restart", "step": 0, "previous_last_step": restarted})
             if source is not None:
                 self.log({"kind": "event", "event": "resume" if resumable else "branch_from",
-                          "step": state.step, "checkpoint": str(source), "world_size": info.world_size})
+                          "step": state.step, "checkpoint": str(source), "world_size": info.world_size,
+                          "code_version": version})
             else:
                 if cfg.init_from:
                     self.log({"kind": "event", "event": "init_from", "step": 0, "source": cfg.init_from,
                               **(self.init_report or {})})
-                self.log({"kind": "event", "event": "data", "step": 0, "train_tokens": int(len(data.train.tokens)),
-                          "val_tokens": int(len(data.val.tokens)), "unigram_entropy": self.entropy,
-                          "cache": data.cache_key})
+                self.log({"kind": "event", "event": "data", "step": 0, "source": cfg.data.source, **summary,
+                          "val_sets": {name: sum(len(b["indices"]) for b in batches)
+                                       for name, batches in state.val_sets.items()}})
+            self.log(self.model_event())
         self.backend.barrier()
+
+    def model_event(self) -> dict[str, Any]:
+        """The `model` event of a segment start: parameters, FLOPs/token and each layer's kernels."""
+        model, cfg = self.state.model, self.cfg
+        counts = count_params(model)
+        dtype = {"bf16": "bf16", "fp32": "fp32"}.get(cfg.parallel.param_dtype) or \
+            ("bf16" if self.device.type == "cuda" else "fp32")
+        return {"kind": "event", "event": "model", "step": self.state.step,
+                "params": {"total": counts.total, "embedding": counts.embedding,
+                           "non_embedding": counts.non_embedding, "matmul": counts.matmul,
+                           "memory_values": counts.memory_values},
+                "flops_per_token": flops_per_token(model, cfg.data.seq_len), "seq_len": cfg.data.seq_len,
+                "param_kind": cfg.model.param.kind, "device": str(self.device), "world_size": self.info.world_size,
+                "dtype": dtype, "layers": model.layer_summary()}
 
     def _resume(self, sources: list[Path]) -> tuple[Path | None, int, list[dict[str, Any]]]:
         """Load the first of `sources` that verifies and loads; returns (its path or None, the
@@ -364,6 +401,7 @@ class Trainer:
                                  "checkpoint": str(path), "error": f"{type(e).__name__}: {e}"[:2000]})
                 continue
             self.state.step = saved["step"]
+            self.time_offset = float(saved.get("time_s", 0.0))
             self.spikes.history = list(saved.get("spike_history", []))
             self.skipped_total = saved.get("skipped_steps", 0)
             self.consecutive_skips = saved.get("consecutive_skips", 0)
@@ -489,8 +527,19 @@ class Trainer:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
 
     # ---- validation and checkpoints -------------------------------------------------------
-    def validate(self) -> float:
-        return evaluate_loss(self.model, self.state.val_batches, self.device, self.cfg, self.backend)
+    def validate(self) -> list[dict[str, Any]]:
+        """One `val` row per validation set (the held-out split first), with the source's metrics."""
+        st, tokens = self.state, self.state.step * self.cfg.train.global_batch * self.cfg.data.seq_len
+        rows = []
+        for name, batches in st.val_sets.items():
+            if not batches:
+                continue
+            ds = self.val_data[name]
+            loss, extra = evaluate(self.model, batches, self.device, self.cfg, self.backend,
+                                   metrics=ds.val_metrics if ds.val_metric_names else None)
+            rows.append({"kind": "val", "step": st.step, "tokens": tokens, "set": name, "val_loss": loss,
+                         "val_ppl": math.exp(min(loss, 50.0)), **{f"val_{k}": v for k, v in extra.items()}})
+        return rows
 
     def save(self, wait: bool = False) -> None:
         """An atomic checkpoint of the whole state at this step boundary (then the keep policy).
@@ -501,7 +550,8 @@ class Trainer:
         self.finish_pending()
         st, info = self.state, self.info
         tokens_per_step = self.cfg.train.global_batch * self.cfg.data.seq_len
-        trainer_state = {"step": st.step, "data": self.loader.state_dict(), "tokens": st.step * tokens_per_step,
+        trainer_state = {"step": st.step, "data": self.batches.state_dict(), "tokens": st.step * tokens_per_step,
+                         "time_s": self.elapsed(),
                          "world_size": info.world_size, "spike_history": list(self.spikes.history),
                          "skipped_steps": self.skipped_total, "consecutive_skips": self.consecutive_skips,
                          "config": {**self.cfg.to_dict(), "derived": self.derived},
@@ -565,11 +615,13 @@ class Trainer:
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         fpt = flops_per_token(st.model, cfg.data.seq_len)
         peak = peak_flops(cfg, self.device)
-        progress = _progress(cfg, st.step) if main else None
+        self.console = console = Console(cfg.train.progress and main, cfg.train.steps, st.step)
         val_loss, step_seconds, steps_timed = None, 0.0, 0
+        window = {"val_s": 0.0, "eval_s": 0.0, "ckpt_s": 0.0}    # time outside the steps since the last row
         try:
             while st.step < cfg.train.steps:
-                self.finish_pending(poll=True)              # an async save whose writes all finished
+                with _timed(window, "ckpt_s"):
+                    self.finish_pending(poll=True)              # an async save whose writes all finished
                 if self.backend.any(stop.requested()):      # every rank stops at the same boundary
                     self.save(wait=True)
                     if main:
@@ -580,36 +632,42 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_start(st)
                 t0 = time.perf_counter()
-                batches = [self.loader.next_batch() for _ in range(self.accum)]
+                batches = self.batches.next_step()          # the next step's start preparing now
                 metrics = self.train_step(batches)
                 step_seconds, steps_timed = step_seconds + time.perf_counter() - t0, steps_timed + 1
 
-                if self._log_due(st.step):       # throughput of the steps alone (not validation or saves)
+                if self._log_due(st.step):       # throughput of the steps alone (not validation, eval or saves)
                     tps = steps_timed * tokens_per_step / max(step_seconds, 1e-9)
                     step_seconds, steps_timed = 0.0, 0
-                    self.log({"kind": "train", "step": st.step, "tokens": st.step * tokens_per_step,
-                              **{k: v for k, v in metrics.items() if k != "update"},
-                              "tokens_per_s": tps, "mfu": (tps * fpt / peak) if peak else None,
-                              "mem_gb": memory_gb(self.device),
-                              "time_s": self.logger.elapsed() if self.logger else None,
-                              "samples": self._samples(batches)})
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+                    row = {"kind": "train", "step": st.step, "tokens": st.step * tokens_per_step,
+                           **{k: v for k, v in metrics.items() if k != "update"},
+                           "tokens_per_s": tps, "mfu": (tps * fpt / peak) if peak else None,
+                           "mem_gb": memory_gb(self.device), "time_s": self.elapsed(),
+                           **{k: round(v, 4) for k, v in window.items()}, "samples": self._samples(batches)}
+                    window = dict.fromkeys(window, 0.0)
+                    self.log(row)
+                    console.train_row(row)
+                console.step(metrics)
 
-                if st.val_batches and ((cfg.train.val_every and st.step % cfg.train.val_every == 0)
+                if any(st.val_sets.values()) and ((cfg.train.val_every and st.step % cfg.train.val_every == 0)
                                        or st.step == cfg.train.steps):
-                    val_loss = self.validate()
-                    val = {"kind": "val", "step": st.step, "tokens": st.step * tokens_per_step,
-                           "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-                    self.log(val)
+                    with _timed(window, "val_s"):
+                        rows = self.validate()
+                        for row in rows:
+                            self.log(row)
+                            console.val_row(row)
+                        st.last_val = {row["set"]: row for row in rows}
+                        if rows:
+                            val_loss = rows[0]["val_loss"]
+                            for cb in self.callbacks:
+                                cb.on_validation(st, rows[0])
+                with _timed(window, "eval_s"):
                     for cb in self.callbacks:
-                        cb.on_validation(st, val)
-                for cb in self.callbacks:
-                    cb.on_step_end(st, metrics)
+                        cb.on_step_end(st, metrics)
                 if st.request_checkpoint:
                     st.request_checkpoint = False
-                    self.save()
+                    with _timed(window, "ckpt_s"):
+                        self.save()
 
             self.save(wait=True)
             for cb in self.callbacks:
@@ -620,8 +678,8 @@ class Trainer:
                 run.set_marker("DONE", f"step {st.step}, {self.skipped_total} non-finite steps skipped")
             return TrainResult("done", st.step, run.path, val_loss, self.entropy, self.skipped_total)
         finally:
-            if progress is not None:
-                progress.close()
+            console.close()
+            self.batches.close()
 
     def _samples(self, batches: list[dict[str, torch.Tensor]]) -> list[int]:
         """[first, last] global sample index of the step."""
@@ -663,16 +721,22 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False,
 
 
 def _last_val(run: RunDir) -> float | None:
+    """The newest val row's loss of the run's first validation set (older runs' rows have no set)."""
     rows = run.read_metrics("val")
-    return rows[-1]["val_loss"] if rows else None
-
-
-def _progress(cfg: Config, start: int):
-    if not cfg.train.progress:
+    if not rows:
         return None
-    from tqdm import tqdm
-    return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stderr, mininterval=1.0)
+    last = rows[-1]["step"]
+    return next(r for r in rows if r["step"] == last)["val_loss"]     # sets are logged in order
+
+
+@contextlib.contextmanager
+def _timed(window: dict[str, float], key: str) -> Iterator[None]:
+    """Add the block's wall time to window[key]."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        window[key] += time.perf_counter() - t0
 
 
 class MetricLogger:

@@ -23,7 +23,7 @@ from models.tags import tag_linear
 
 @dataclass
 class AttentionConfig:
-    kind: str = "attention"
+    kind: str = "attention"     # the mixer kind (a registered MIXERS name)
     window: int | None = None   # sliding window: a query sees itself and the window-1 tokens before it
 
     def validate(self, path: str) -> None:
@@ -82,6 +82,11 @@ class Attention(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache()
+
+    @property
+    def kernel(self) -> str:
+        """sdpa_causal: SDPA's own causal path; sdpa_mask: SDPA with a dense (T, T) mask (window, doc_mask)."""
+        return "sdpa_mask" if (self.window is not None or self.doc_mask) else "sdpa_causal"
 
     def forward(self, x: torch.Tensor, ctx: MixerContext, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape

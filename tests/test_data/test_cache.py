@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-import train.data.prepare as prepare_mod
+import train.data.text as prepare_mod
 from train.data import CACHE_VERSION, DataError, copy_tokenizer, load_tokenizer, prepare_data
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import IGNORE_INDEX, DataError, Loader, TokenData, val_batches
+from train.data import IGNORE_INDEX, DataError, Loader, TokenData, Windows, val_batches
 
 EOS = 0
 
@@ -20,39 +20,39 @@ def synthetic(n_docs: int = 50, seed: int = 0, pad_id: int | None = None) -> Tok
 
 def test_windows_inputs_and_labels():
     data = synthetic()
-    loader = Loader(data, seq_len=16, batch_size=4, seed=0)
+    loader = Loader(Windows(data, 16, seed=0), batch_size=4)
     b = loader.next_batch()
     assert b["input_ids"].shape == b["labels"].shape == b["doc_ids"].shape == (4, 16)
     assert all(t.dtype == torch.int64 for t in b.values())
     assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1])
     tokens = torch.from_numpy(np.asarray(data.tokens).astype(np.int64))
     for row, g in zip(range(4), b["indices"].tolist()):
-        w = loader.windows(np.array([g]))[0]
+        w = loader.samples.windows(np.array([g]))[0]
         assert torch.equal(b["input_ids"][row], tokens[w * 16:w * 16 + 16])
         assert torch.equal(b["labels"][row], tokens[w * 16 + 1:w * 16 + 17])
 
 
 def test_every_window_once_per_epoch_and_a_new_order_each_epoch():
     data = synthetic()
-    loader = Loader(data, seq_len=16, batch_size=1, seed=3)
-    n = loader.n
-    first = np.concatenate([loader.windows(np.arange(0, n))])
-    second = loader.windows(np.arange(n, 2 * n))
+    loader = Loader(Windows(data, 16, seed=3), batch_size=1)
+    n = len(loader.samples)
+    first = np.concatenate([loader.samples.windows(np.arange(0, n))])
+    second = loader.samples.windows(np.arange(n, 2 * n))
     assert sorted(first.tolist()) == list(range(n)) == sorted(second.tolist())
     assert not np.array_equal(first, second)
-    assert not np.array_equal(first, Loader(data, 16, 1, seed=4).windows(np.arange(n)))
+    assert not np.array_equal(first, Loader(Windows(data, 16, seed=4), batch_size=1).samples.windows(np.arange(n)))
 
 
 def test_resume_from_state_gives_identical_batches():
     data = synthetic()
-    loader = Loader(data, seq_len=16, batch_size=3, seed=7)
+    loader = Loader(Windows(data, 16, seed=7), batch_size=3)
     for _ in range(37):  # past the end of an epoch
         loader.next_batch()
     state = loader.state_dict()
     expected = [loader.next_batch() for _ in range(5)]
-    resumed = Loader(data, seq_len=16, batch_size=3, seed=7)
+    resumed = Loader(Windows(data, 16, seed=7), batch_size=3)
     resumed.load_state_dict(state)
-    also = Loader(data, seq_len=16, batch_size=3, seed=7, start_index=state["sample_index"])
+    also = Loader(Windows(data, 16, seed=7), batch_size=3, start_index=state["sample_index"])
     for want in expected:
         for got in (resumed.next_batch(), also.next_batch()):
             assert all(torch.equal(want[k], got[k]) for k in want)
@@ -60,8 +60,8 @@ def test_resume_from_state_gives_identical_batches():
 
 def test_ranks_together_give_the_single_rank_batches():
     data = synthetic()
-    single = Loader(data, seq_len=16, batch_size=4, seed=1)
-    ranks = [Loader(data, seq_len=16, batch_size=2, seed=1, rank=r, world_size=2) for r in range(2)]
+    single = Loader(Windows(data, 16, seed=1), batch_size=4)
+    ranks = [Loader(Windows(data, 16, seed=1), batch_size=2, rank=r, world_size=2) for r in range(2)]
     for _ in range(10):
         whole = single.next_batch()
         parts = [r.next_batch() for r in ranks]
@@ -72,7 +72,7 @@ def test_ranks_together_give_the_single_rank_batches():
 
 def test_doc_ids_count_document_starts_inside_the_window():
     data = synthetic()
-    b = Loader(data, seq_len=32, batch_size=8, seed=0).next_batch()
+    b = Loader(Windows(data, 32, seed=0), batch_size=8).next_batch()
     x, d = b["input_ids"], b["doc_ids"]
     assert (d[:, 0] == 0).all()
     step = d[:, 1:] - d[:, :-1]
@@ -83,10 +83,10 @@ def test_doc_ids_count_document_starts_inside_the_window():
 
 def test_pad_labels_are_ignored():
     data = synthetic(pad_id=5)
-    loader = Loader(data, seq_len=32, batch_size=16, seed=0)
+    loader = Loader(Windows(data, 32, seed=0), batch_size=16)
     b = loader.next_batch()
     tokens = np.asarray(data.tokens).astype(np.int64)
-    raw = np.stack([tokens[w * 32 + 1:w * 32 + 33] for w in loader.windows(b["indices"].numpy())])
+    raw = np.stack([tokens[w * 32 + 1:w * 32 + 33] for w in loader.samples.windows(b["indices"].numpy())])
     assert (raw == 5).any()
     assert torch.equal(b["labels"], torch.from_numpy(np.where(raw == 5, IGNORE_INDEX, raw)))
 
@@ -106,4 +106,4 @@ def test_val_batches_are_the_first_windows_in_order():
 def test_too_few_tokens_for_a_window():
     data = synthetic(1)
     with pytest.raises(DataError, match="fewer than one window"):
-        Loader(data, seq_len=len(data), batch_size=1, seed=0)
+        Loader(Windows(data, len(data), seed=0), batch_size=1)

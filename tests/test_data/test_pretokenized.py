@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.data import DataError, Loader, prepare_data
+from train.data import DataError, Loader, Windows, prepare_data
 from train.data.corpus import is_val
 from train.data.pretokenized import held_out, import_tokens
 
@@ -14,7 +14,9 @@ def tokens(n: int, vocab: int = 1000, seed: int = 0, dtype=np.uint16) -> np.ndar
 
 
 def cfg_for(make_cfg, paths, **data):
-    return make_cfg({"source": "pretokenized", "paths": [str(p) for p in paths], "vocab_size": 1000, **data})
+    vocab = data.pop("vocab_size", 1000)
+    return make_cfg({"source": "pretokenized", "paths": [str(p) for p in paths], "pretokenized": {"vocab_size": vocab},
+                     **data})
 
 
 def test_bin_file_one_document_tail_split(make_cfg, tmp_path):
@@ -24,7 +26,7 @@ def test_bin_file_one_document_tail_split(make_cfg, tmp_path):
     assert len(p.train) == 4500 and len(p.val) == 500
     assert np.array_equal(np.concatenate([p.train.tokens, p.val.tokens]), arr)
     assert p.tokenizer_dir is None and p.eos_id is None and p.vocab_size == 1000
-    batch = Loader(p.train, 32, 4, seed=0).next_batch()
+    batch = Loader(Windows(p.train, 32, seed=0), batch_size=4).next_batch()
     assert batch["input_ids"].max() < 1000
 
 
@@ -42,7 +44,7 @@ def test_eos_of_a_given_tokenizer_separates_documents(make_cfg, tmp_path, write_
                         progress=False)
     np.asarray(text.train.tokens).tofile(tmp_path / "ids.bin")
     p = prepare_data(make_cfg({"source": "pretokenized", "paths": [str(tmp_path / "ids.bin")], "dtype": "uint16",
-                               "vocab_size": text.vocab_size, "val_fraction": 0.1},
+                               "pretokenized": {"vocab_size": text.vocab_size}, "val_fraction": 0.1},
                               {"kind": "pretrained", "path": str(text.tokenizer_dir)}), progress=False)
     assert p.train.n_docs == 18 and p.val.n_docs == 2 and p.eos_id == text.eos_id
     assert p.tokenizer_dir is not None

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.data import Loader, benchmark, prepare_data, val_batches
+from train.data import Loader, Windows, benchmark, prepare_data, val_batches
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 SHAKESPEARE = SHARED / "data" / "corpus" / "tinyshakespeare" / "input.txt"
@@ -19,7 +19,7 @@ def test_tinyshakespeare_end_to_end(make_cfg):
     assert 200 <= p.train.n_docs + p.val.n_docs <= 400  # ~4 KB documents cut at blank lines
     assert p.val.n_docs == round(0.05 * (p.train.n_docs + p.val.n_docs))
     assert 400_000 < len(p.train) < 700_000  # about 2 bytes per token at this vocabulary size
-    batch = Loader(p.train, 128, 8, seed=0).next_batch()
+    batch = Loader(Windows(p.train, 128, seed=0), batch_size=8).next_batch()
     assert batch["input_ids"].shape == (8, 128)
     assert len(val_batches(p.val, 128, 8, 4)) == 4
     from transformers import AutoTokenizer

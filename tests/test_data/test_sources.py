@@ -85,7 +85,7 @@ def test_embedded_is_deterministic_and_capped():
 
 
 def test_embedded_prepare(make_cfg):
-    cfg = make_cfg({"source": "embedded", "embedded_max_bytes": 200_000, "val_fraction": 0.1})
+    cfg = make_cfg({"source": "embedded", "embedded": {"max_bytes": 200_000}, "val_fraction": 0.1})
     p = prepare_data(cfg, progress=False)
     assert len(p.train) > 20_000 and len(p.val) > 33
     counts = np.bincount(np.asarray(p.train.tokens), minlength=p.vocab_size) / len(p.train)

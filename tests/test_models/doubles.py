@@ -63,6 +63,8 @@ class DoubleMixer(nn.Module):
     def flops_per_token(cfg: Any, mixer_cfg: Any, seq_len: int) -> float:
         return 0.0
 
+    kernel = "torch"
+
     def forward(self, x: torch.Tensor, ctx: Any, cache: Any = None) -> tuple[torch.Tensor, Aux]:
         DoubleMixer.forwards[self.layer_idx] = DoubleMixer.forwards.get(self.layer_idx, 0) + 1
         B, T, d = x.shape

@@ -4,7 +4,8 @@ A callback sees the trainer through `TrainState` at fixed points of the loop:
 
     on_step_start(state)            before the step's forward (schedules set module flags here)
     on_step_end(state, metrics)     after the optimizer step (policies: checkpoint, eval)
-    on_validation(state, val)       after a validation pass (probes)
+    on_validation(state, val)       after a validation pass (probes): the first set's row;
+                                    every set's newest row is in state.last_val
     on_checkpoint(state) -> dict    its state, saved under `callbacks.<name>` in the checkpoint
     load_state_dict(dict)           that state back, on resume
     on_end(state)                   once, when training finishes (not on a stop for requeue)
@@ -43,8 +44,10 @@ class TrainState:
     log: Callable[[dict[str, Any]], None]  # append a metrics row (rank 0 writes; others drop it)
     device: torch.device
     step: int = 0                          # optimizer updates done so far
-    data: Any = None                       # the PreparedData (train / val TokenData, tokenizer dir)
-    val_batches: list = field(default_factory=list)
+    data: Any = None                       # the training source's Dataset (train/data/source.py)
+    val_sets: dict[str, list] = field(default_factory=dict)   # validation set name -> its fixed batches
+    val_batches: list = field(default_factory=list)           # the first validation set's batches (probes)
+    last_val: dict[str, dict] = field(default_factory=dict)   # set name -> its newest val row
     request_checkpoint: bool = False       # set by a callback in on_step_end: save at this boundary
 
 

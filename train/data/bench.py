@@ -35,7 +35,8 @@ def benchmark(cfg: Any, seconds: float = 2.0) -> dict[str, Any]:
     prepared = prepare_data(cfg, progress=False)
     out: dict[str, Any] = {"source": cfg.data.source, "vocab_size": prepared.vocab_size,
                            "num_proc": cfg.data.num_proc, **_machine()}
-    if prepared.tokenizer_dir is not None and cfg.data.source != "pretokenized":
+    from train.data.source import source
+    if prepared.tokenizer_dir is not None and source(cfg.data.source).text:
         texts, used = [], 0
         for text in build_corpus(cfg.data).train_texts():
             texts.append(text)
@@ -52,7 +53,7 @@ def benchmark(cfg: Any, seconds: float = 2.0) -> dict[str, Any]:
         out.update(tokenize_mb=used / 1e6, tokenize_s=elapsed, tokenize_mb_per_s=used / 1e6 / elapsed,
                    tokenize_tokens_per_s=n_tokens / elapsed, bytes_per_token=used / max(1, n_tokens))
     seq_len, batch = cfg.data.seq_len, cfg.train.micro_batch
-    loader = Loader(prepared.train, seq_len, batch, cfg.data.seed)
+    loader = Loader(prepared.train_samples(seq_len, cfg.data.seed), batch)
     for _ in range(3):
         loader.next_batch()
     n, start = 0, time.perf_counter()

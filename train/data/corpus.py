@@ -55,9 +55,9 @@ def _split(docs: Iterable[str], fraction: float) -> Iterator[tuple[str, str]]:
         yield ("val" if is_val(i, fraction) else "train"), doc
 
 
-def _single(dcfg: Any) -> Corpus:
-    source = text_source(dcfg, "data")
-    val = files_source(dcfg.val_paths, dcfg.text_field, dcfg.encoding_errors, "data.val_paths") \
+def _single(dcfg: Any, key: str) -> Corpus:
+    source = text_source(dcfg, key)
+    val = files_source(dcfg.val_paths, dcfg.text_field, dcfg.encoding_errors, f"{key}.val_paths") \
         if dcfg.val_paths else None
     fraction = 0.0 if val else dcfg.val_fraction
 
@@ -100,16 +100,13 @@ def interleave(weights: list[float], lists: list[list[tuple[str, int]]]) -> list
         used[i] += nbytes
 
 
-def _mixture(dcfg: Any) -> Corpus:
-    entries = dcfg.mixture_sources()
+def _mixture(dcfg: Any, key: str) -> Corpus:
+    entries = dcfg.mixture_sources(key)
     sources: list[TextSource] = []
     for i, (_, child) in enumerate(entries):
-        if child.source == "pretokenized":
-            raise DataError(f"data.mixture[{i}].source", "pretokenized sources cannot be mixed "
-                            "with text; use a text source")
-        sources.append(text_source(child, f"data.mixture[{i}]"))
+        sources.append(text_source(child, f"{key}.mixture[{i}]"))
     weights = [w for w, _ in entries]
-    val = files_source(dcfg.val_paths, dcfg.text_field, dcfg.encoding_errors, "data.val_paths") \
+    val = files_source(dcfg.val_paths, dcfg.text_field, dcfg.encoding_errors, f"{key}.val_paths") \
         if dcfg.val_paths else None
     fraction = 0.0 if val else dcfg.val_fraction
     cached: dict[str, Any] = {}
@@ -131,7 +128,7 @@ def _mixture(dcfg: Any) -> Corpus:
                 for split, doc in _split(s.docs(), fraction):
                     (va if split == "val" else tr).append((doc, len(doc.encode("utf-8"))))
                 if not tr:
-                    raise DataError(f"data.mixture[{i}]", f"source '{s.name}' has no training documents")
+                    raise DataError(f"{key}.mixture[{i}]", f"source '{s.name}' has no training documents")
                 trains.append(tr)
                 vals.append(va)
             cached["parts"] = (trains, vals)
@@ -155,12 +152,12 @@ def _mixture(dcfg: Any) -> Corpus:
     def train_texts() -> Iterator[str]:
         return iter(interleave(weights, parts()[0]))
 
-    return Corpus("data.mixture", describe, tokenizer_describe, split_docs, train_texts, None,
+    return Corpus(f"{key}.mixture", describe, tokenizer_describe, split_docs, train_texts, None,
                   needs_val=bool(val) or fraction > 0)
 
 
-def build_corpus(dcfg: Any) -> Corpus:
-    """The Corpus of a text data section (`embedded`, `files`, `hf` or `mixture`)."""
+def build_corpus(dcfg: Any, key: str = "data") -> Corpus:
+    """The Corpus of a text data section (`mixture`, or any source of documents)."""
     if dcfg.source == "mixture":
-        return _mixture(dcfg)
-    return _single(dcfg)
+        return _mixture(dcfg, key)
+    return _single(dcfg, key)

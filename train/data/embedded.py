@@ -4,7 +4,7 @@ No network and no files outside the Python installation, so the quickstart and t
 anywhere. It is the help topics of `pydoc_data` (the language reference as prose: about 0.5 MB
 of English) followed by the standard library's own `.py` sources (code, comments and
 docstrings; about 10 MB on CPython 3.11 without tests), one document per topic or file. The
-sources come in an order fixed by a hash of their relative paths, so the `embedded_max_bytes`
+sources come in an order fixed by a hash of their relative paths, so the `data.embedded.max_bytes`
 cap (6 MB by default) samples the whole library rather than its first letters. The corpus is
 deterministic for a given Python installation; its fingerprint covers the Python version and
 the files' contents.

@@ -1,5 +1,8 @@
 """Batches of fixed-length windows in a seed-determined order, resumable from one integer.
 
+`Windows` (training) and `OrderedWindows` (validation) are the token splits' `Samples`
+(train/data/source.py); `Loader` turns any `Samples` into one rank's batches.
+
 The tokens are cut into non-overlapping windows of seq_len + 1 tokens (window k starts at
 k * seq_len, so consecutive windows share one token and every token after the first is a
 target once per epoch). Global sample g is window perm_e[g mod n] with e = g // n and perm_e
@@ -14,6 +17,8 @@ document starts at its EOS token), for loss masks and intra-document attention; 
 (B,): the global sample indices (or, for validation, window indices) in the batch.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,22 +49,21 @@ def make_batch(data: TokenData, windows: np.ndarray, seq_len: int, indices: np.n
             "indices": torch.from_numpy(np.asarray(indices, dtype=np.int64))}
 
 
-class Loader:
-    """Training batches for one rank; `state_dict()` is the next global sample index."""
+class Windows:
+    """Training samples of a token split: global sample g is window perm_e[g mod n], e = g // n,
+    perm_e drawn from (seed, e)."""
 
-    def __init__(self, data: TokenData, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start_index: int = 0):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+    def __init__(self, data: TokenData, seq_len: int, seed: int):
         self.n = n_windows(data, seq_len)
         if self.n < 1:
             raise DataError("data.seq_len", f"the training split has {len(data)} tokens, fewer than one "
                             f"window of seq_len + 1 = {seq_len + 1}")
-        self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.index = start_index
+        self.data, self.seq_len, self.seed = data, seq_len, seed
         self._epoch = -1
         self._perm = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.n
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The window order of one epoch (the current one is kept)."""
@@ -76,11 +80,43 @@ class Loader:
             out[j] = self.permutation(epoch)[pos]
         return out
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        first = self.index + self.rank * self.batch_size
-        indices = np.arange(first, first + self.batch_size, dtype=np.int64)
-        self.index += self.batch_size * self.world_size
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         return make_batch(self.data, self.windows(indices), self.seq_len, indices)
+
+
+class OrderedWindows:
+    """Validation samples of a token split: sample i is window i (the same text every time)."""
+
+    def __init__(self, data: TokenData, seq_len: int):
+        self.data, self.seq_len = data, seq_len
+        self.n = n_windows(data, seq_len)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return make_batch(self.data, indices, self.seq_len, indices)
+
+
+class Loader:
+    """Training batches for one rank from any `Samples`; `state_dict()` is the next global sample
+    index. Ranks take consecutive slices of each global batch."""
+
+    def __init__(self, samples: Any, batch_size: int, rank: int = 0, world_size: int = 1, start_index: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.samples, self.batch_size = samples, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.index = start_index
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's sample indices of the next batch; advances the state."""
+        first = self.index + self.rank * self.batch_size
+        self.index += self.batch_size * self.world_size
+        return np.arange(first, first + self.batch_size, dtype=np.int64)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.samples.batch(self.next_indices())
 
     def __iter__(self):
         while True:
@@ -89,7 +125,7 @@ class Loader:
     @property
     def epoch(self) -> float:
         """Fractional epochs consumed so far (for logs)."""
-        return self.index / self.n
+        return self.index / max(len(self.samples), 1)
 
     def state_dict(self) -> dict:
         return {"sample_index": self.index}
@@ -98,14 +134,17 @@ class Loader:
         self.index = int(state["sample_index"])
 
 
+def fixed_batches(samples: Any, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:
+    """The first n_batches * batch_size validation samples, in order (fewer, and a last partial
+    batch, when there are fewer; none when `samples` is None or empty)."""
+    count = min(len(samples), n_batches * batch_size) if samples is not None else 0
+    return [samples.batch(np.arange(lo, min(count, lo + batch_size), dtype=np.int64))
+            for lo in range(0, count, batch_size)]
+
+
 def val_batches(data: TokenData, seq_len: int, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:
     """The first n_batches * batch_size windows, in order: the same validation text at every eval.
 
     Fewer (and a last partial batch) when the split is small; none when it is empty.
     """
-    count = min(n_windows(data, seq_len), n_batches * batch_size)
-    out = []
-    for lo in range(0, count, batch_size):
-        w = np.arange(lo, min(count, lo + batch_size), dtype=np.int64)
-        out.append(make_batch(data, w, seq_len, w))
-    return out
+    return fixed_batches(OrderedWindows(data, seq_len), batch_size, n_batches)

@@ -2,26 +2,39 @@
 
 A `.bin` file is raw tokens with no header, so `data.dtype` must say uint16 or uint32. A
 `.npy` file carries its dtype, which must match `data.dtype` unless that is `auto`. Every
-token must be below the declared `data.vocab_size`. Document boundaries: when a tokenizer is
+token must be below the declared `data.pretokenized.vocab_size`. Document boundaries: when a tokenizer is
 given (`tokenizer.path`), each EOS token starts a document (the nanoGPT convention puts EOS
 before each document); otherwise each file is one document. The split follows corpus.py
 (document i is held out by the same rule, or `data.val_paths` are the validation files); when
 there is a single document, the last `val_fraction` of its tokens is the validation split.
-The tokens are copied into the cache like text corpora, so the loader sees one layout.
+The tokens are copied into the cache like text corpora, so the loader sees one layout. As a
+validation set (`data.val_sets`) every token is validation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from train.data.cache import CACHE_VERSION, build_once
 from train.data.corpus import SPLIT_RULE_VERSION
 from train.data.errors import DataError
-from train.data.fingerprint import TOKEN_SUFFIXES, file_entry, resolve_paths
+from train.data.fingerprint import TOKEN_SUFFIXES, content_id, file_entry, hash_obj, resolve_paths
+from train.data.prepared import PreparedData
+from train.data.source import SOURCES, DataSource, PrepareContext
 from train.data.tokenize import SPLITS, SplitWriter, dtype_for
+from train.data.tokenizer import pretrained_tokenizer
 
 SCAN = 1 << 24  # tokens checked per step, so a huge file never becomes one in-memory array
+
+
+@dataclass
+class PretokenizedConfig:
+    """`data.pretokenized`: what the token files cannot say about themselves."""
+
+    vocab_size: int | None = None  # the vocabulary the tokens come from (required): every id is below it
 
 
 def open_tokens(path: Path, declared: str) -> np.ndarray:
@@ -50,7 +63,7 @@ def open_tokens(path: Path, declared: str) -> np.ndarray:
     return arr
 
 
-def check_range(arr: np.ndarray, vocab_size: int, path: Path) -> None:
+def check_range(arr: np.ndarray, vocab_size: int, path: Path, key: str = "data") -> None:
     for lo in range(0, len(arr), SCAN):
         part = np.asarray(arr[lo:lo + SCAN])
         if len(part) == 0:
@@ -59,7 +72,7 @@ def check_range(arr: np.ndarray, vocab_size: int, path: Path) -> None:
         if len(bad):
             i = int(bad[0])
             raise DataError(str(path), f"token id {int(part[i])} at index {lo + i} is outside "
-                            f"data.vocab_size={vocab_size}")
+                            f"{key}.pretokenized.vocab_size={vocab_size}")
 
 
 def doc_starts(arr: np.ndarray, eos_id: int | None) -> np.ndarray:
@@ -86,27 +99,31 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def describe(dcfg: Any, eos_id: int | None, full: bool) -> dict[str, Any]:
-    files = resolve_paths(dcfg.paths, TOKEN_SUFFIXES, "data.paths")
-    val = resolve_paths(dcfg.val_paths, TOKEN_SUFFIXES, "data.val_paths") if dcfg.val_paths else []
-    return {"kind": "pretokenized", "dtype": dcfg.dtype, "vocab_size": dcfg.vocab_size, "eos_id": eos_id,
-            "val_fraction": 0.0 if val else dcfg.val_fraction, "rule": SPLIT_RULE_VERSION,
-            "files": [file_entry(f, full) for f in files], "val_paths": [file_entry(f, full) for f in val]}
+def describe(dcfg: Any, eos_id: int | None, full: bool, key: str = "data", all_val: bool = False) -> dict[str, Any]:
+    files = resolve_paths(dcfg.paths, TOKEN_SUFFIXES, f"{key}.paths")
+    val = resolve_paths(dcfg.val_paths, TOKEN_SUFFIXES, f"{key}.val_paths") if dcfg.val_paths and not all_val else []
+    return {"kind": "pretokenized", "dtype": dcfg.dtype, "vocab_size": dcfg.pretokenized.vocab_size,
+            "eos_id": eos_id, "val_fraction": 0.0 if val or all_val else dcfg.val_fraction, "all_val": all_val,
+            "rule": SPLIT_RULE_VERSION, "files": [file_entry(f, full) for f in files],
+            "val_paths": [file_entry(f, full) for f in val]}
 
 
-def import_tokens(dcfg: Any, eos_id: int | None, out: Path) -> dict[str, Any]:
-    """Check the token files and copy them, split, into `out`; returns meta fields."""
-    vocab = dcfg.vocab_size
-    dtype_for(vocab, dcfg.dtype)           # the declared dtype must hold the vocabulary
-    dtype = dtype_for(vocab, "auto")       # the cache uses the smallest that does
-    files = resolve_paths(dcfg.paths, TOKEN_SUFFIXES, "data.paths")
-    val_files = resolve_paths(dcfg.val_paths, TOKEN_SUFFIXES, "data.val_paths") if dcfg.val_paths else []
-    fraction = 0.0 if val_files else dcfg.val_fraction
+def import_tokens(dcfg: Any, eos_id: int | None, out: Path, key: str = "data", all_val: bool = False) -> dict[str, Any]:
+    """Check the token files and copy them, split (all to validation with `all_val`), into `out`;
+    returns meta fields."""
+    vocab = dcfg.pretokenized.vocab_size
+    dtype_for(vocab, dcfg.dtype, f"{key}.dtype")   # the declared dtype must hold the vocabulary
+    dtype = dtype_for(vocab, "auto")               # the cache uses the smallest that does
+    files = resolve_paths(dcfg.paths, TOKEN_SUFFIXES, f"{key}.paths")
+    val_files = resolve_paths(dcfg.val_paths, TOKEN_SUFFIXES, f"{key}.val_paths") \
+        if dcfg.val_paths and not all_val else []
+    fraction = 0.0 if val_files or all_val else dcfg.val_fraction
     writers = {s: SplitWriter(out, s, dtype) for s in SPLITS}
+    main_split = "val" if all_val else "train"
 
     def load(f: Path) -> np.ndarray:
         arr = open_tokens(f, dcfg.dtype)
-        check_range(arr, vocab, f)
+        check_range(arr, vocab, f, key)
         return arr
 
     arrays = [load(f) for f in files]
@@ -114,11 +131,11 @@ def import_tokens(dcfg: Any, eos_id: int | None, out: Path) -> dict[str, Any]:
     n_docs = sum(len(st) for st in starts)
     try:
         if n_docs == 0:
-            raise DataError("data.paths", "the pretokenized corpus is empty (no tokens)")
+            raise DataError(f"{key}.paths", "the pretokenized corpus is empty (no tokens)")
         if n_docs == 1 and fraction > 0:  # one long document: hold out its tail
             arr = next(a for a in arrays if len(a))
             cut = len(arr) - int(round(len(arr) * fraction))
-            writers["train"].add_span(arr, 0, cut, np.zeros(1, dtype=np.int64))
+            writers[main_split].add_span(arr, 0, cut, np.zeros(1, dtype=np.int64))
             if cut < len(arr):
                 writers["val"].add_span(arr, cut, len(arr), np.array([cut], dtype=np.int64))
         else:
@@ -129,7 +146,7 @@ def import_tokens(dcfg: Any, eos_id: int | None, out: Path) -> dict[str, Any]:
                 ends = np.append(st[1:], len(arr))
                 val = held_out(np.arange(first, first + len(st)), fraction)
                 for lo, hi in runs(val):
-                    w = writers["val" if val[lo] else "train"]
+                    w = writers["val" if val[lo] else main_split]
                     w.add_span(arr, int(st[lo]), int(ends[hi - 1]), st[lo:hi])
                 first += len(st)
         for f in val_files:
@@ -138,3 +155,49 @@ def import_tokens(dcfg: Any, eos_id: int | None, out: Path) -> dict[str, Any]:
     finally:
         counts = {s: w.close() for s, w in writers.items()}
     return {"splits": counts, "dtype": dtype.name}
+
+
+@SOURCES.register("pretokenized", config=PretokenizedConfig)
+class Pretokenized(DataSource):
+    """Token files; a tokenizer (`tokenizer.path`) is optional and only marks documents."""
+
+    def check(self, dcfg: Any, path: str) -> None:
+        if not dcfg.paths:
+            raise DataError(f"{path}.paths", "data.source=pretokenized needs at least one path")
+        if dcfg.pretokenized.vocab_size is None:
+            raise DataError(f"{path}.pretokenized.vocab_size", "data.source=pretokenized needs the vocabulary "
+                            "size of the tokens")
+        if dcfg.pretokenized.vocab_size < 1:
+            raise DataError(f"{path}.pretokenized.vocab_size", f"must be >= 1, got {dcfg.pretokenized.vocab_size}")
+
+    def vocab_size(self, dcfg: Any) -> int | None:
+        return dcfg.pretokenized.vocab_size
+
+    def prepare(self, ctx: PrepareContext, dcfg: Any, key: str) -> PreparedData:
+        from train.data.prepare import finish
+
+        vocab = dcfg.pretokenized.vocab_size
+        all_val = ctx.role == "val"
+        if all_val:
+            tok = ctx.tokenizer
+        else:
+            path = ctx.cfg.tokenizer.path
+            tok = pretrained_tokenizer(ctx.root, path, ctx.progress) if path else None
+        if tok and tok.vocab_size > vocab:
+            raise DataError(f"{key}.pretokenized.vocab_size", f"the tokenizer has {tok.vocab_size} tokens, more "
+                            f"than {key}.pretokenized.vocab_size={vocab}")
+        eos_id = tok.eos_id if tok else None
+        dtype_for(vocab, dcfg.dtype, f"{key}.dtype")   # fail before any reading when the dtype cannot hold it
+        inputs = content_id(ctx.root / "index", lambda full: describe(dcfg, eos_id, full, key, all_val),
+                            ctx.full_hash)
+        key_desc = {"version": CACHE_VERSION, "inputs": inputs, "tokenizer": tok.sha256 if tok else None}
+        entry = ctx.root / "tokens" / f"pretokenized-{hash_obj(key_desc)}"
+
+        def build(tmp: Path) -> dict[str, Any]:
+            out = import_tokens(dcfg, eos_id, tmp, key, all_val)
+            return {**out, "vocab_size": vocab, "eos_id": eos_id, "key": key_desc,
+                    "what": f"{key}.source=pretokenized"}
+
+        meta, _ = build_once(ctx.root, entry, build, ctx.progress)
+        needs_val = all_val or bool(dcfg.val_paths) or dcfg.val_fraction > 0
+        return finish(ctx, entry, meta, tok, needs_val, vocab, key)

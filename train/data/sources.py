@@ -153,8 +153,8 @@ def files_source(patterns: list[str], field: str, errors: str, key: str) -> Text
     return TextSource("files", key, describe, docs, sum(f.stat().st_size for f in files))
 
 
-def embedded_source(max_bytes: int) -> TextSource:
-    return TextSource("embedded", "data.source", lambda full: embedded_description(max_bytes, full),
+def embedded_source(max_bytes: int, key: str = "data.source") -> TextSource:
+    return TextSource("embedded", key, lambda full: embedded_description(max_bytes, full),
                       lambda: embedded_docs(max_bytes), max_bytes)
 
 
@@ -200,11 +200,10 @@ def hf_source(dcfg: Any, key: str) -> TextSource:
 
 
 def text_source(dcfg: Any, key: str = "data") -> TextSource:
-    """The TextSource for one (non-mixture, non-pretokenized) data section."""
-    if dcfg.source == "embedded":
-        return embedded_source(dcfg.embedded_max_bytes)
-    if dcfg.source == "files":
-        return files_source(dcfg.paths, dcfg.text_field, dcfg.encoding_errors, f"{key}.paths")
-    if dcfg.source == "hf":
-        return hf_source(dcfg, key)
-    raise DataError(f"{key}.source", f"'{dcfg.source}' is not a text source")
+    """The documents of one text data section (a registered source with `text = True`)."""
+    from train.data.source import source
+
+    kind = source(dcfg.source, f"{key}.source")
+    if not kind.text or not hasattr(kind, "documents"):
+        raise DataError(f"{key}.source", f"'{dcfg.source}' is not a text source of documents")
+    return kind.documents(dcfg, key)
