@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from models.registry import ConfigError
 
 class UsageError(ConfigError):
     pass
+
+
+# A dotted key then `=`: an override wherever it stands (`model.layers.mixers.A.window=64`).
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 
 
 def _load(args: argparse.Namespace):
@@ -67,9 +72,32 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from train.keys import format_keys, key_rows
+    print(format_keys(key_rows(args.section)))
+    return 0
+
+
+def cmd_config_diff(args: argparse.Namespace) -> int:
+    from train.keys import diff_report
+    print(diff_report(args.a, args.b))
+    return 0
+
+
+def _is_arm(token: str) -> bool:
+    """`ablate params A.yaml B.yaml ...`: a positional naming a YAML file (not KEY=VALUE) is an arm."""
+    return token.endswith((".yaml", ".yml")) and not OVERRIDE.match(token)
+
+
 def cmd_params(args: argparse.Namespace) -> int:
-    from train.params import params_report
-    print(params_report(_load(args)))
+    from train.config import load_config
+    from train.params import arms_report, params_report
+    arms = [args.config, *(t for t in args.overrides if _is_arm(t))]
+    overrides = [t for t in args.overrides if not _is_arm(t)]
+    if len(arms) > 1:
+        print(arms_report(arms, overrides))
+    else:
+        print(params_report(load_config(args.config, overrides)))
     return 0
 
 
@@ -94,7 +122,7 @@ def cmd_data_bench(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from train.generate import generate_from_run
     text = generate_from_run(args.run_dir, args.prompt, step=args.step, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+                             temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device)
     print(text)
     return 0
 
@@ -166,9 +194,57 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, values parsed as YAML")
+def _add_config(p: argparse.ArgumentParser, config_help: str = "YAML config file") -> None:
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, values parsed as YAML (anywhere on the command line)")
+
+
+def _values_taken(parser: argparse.ArgumentParser, tokens: list[str], j: int) -> int:
+    """How many of the tokens after option tokens[j] are its values (as argparse will read them)."""
+    token = tokens[j]
+    if token.startswith("--") and "=" in token:
+        return 0                                          # --option=value
+    actions = parser._option_string_actions
+    action = actions.get(token)
+    if action is None and token.startswith("--"):         # argparse accepts unique prefixes
+        found = {a for s, a in actions.items() if s.startswith(token)}
+        action = found.pop() if len(found) == 1 else None
+    if action is None or action.nargs == 0:
+        return 0
+    if action.nargs is None or isinstance(action.nargs, int):
+        return 1 if action.nargs is None else action.nargs
+    limit = 1 if action.nargs == "?" else len(tokens)    # ?, *, +: up to the next option
+    n = 0
+    while n < limit and j + 1 + n < len(tokens) and not tokens[j + 1 + n].startswith("-"):
+        n += 1
+    return n
+
+
+def gather_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with the chosen command's KEY=VALUE overrides moved right after its positionals, so
+    they may stand anywhere (`ablate train C --run-dir D optim.lr=1e-3`): argparse reads a
+    positional list only in one stretch. An option's value stays its value (`--out a=b`); commands
+    without overrides, and command lines with `--`, are left as they are."""
+    i = 0
+    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)):
+        if i >= len(argv) or argv[i] not in sub.choices:
+            return argv                                   # no command (or a typo): argparse says so
+        parser, i = sub.choices[argv[i]], i + 1
+    rest = argv[i:]
+    if "--" in rest or not any(a.dest == "overrides" for a in parser._actions):
+        return argv
+    positionals, overrides, options = [], [], []
+    j = 0
+    while j < len(rest):
+        if rest[j].startswith("-") and rest[j] != "-":
+            n = _values_taken(parser, rest, j)
+            options += rest[j: j + 1 + n]
+            j += 1 + n
+            continue
+        (overrides if OVERRIDE.match(rest[j]) else positionals).append(rest[j])
+        j += 1
+    return argv[:i] + positionals + overrides + options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -192,9 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the fully resolved config")
     _add_config(show)
     show.set_defaults(fn=cmd_config_show)
+    keys = csub.add_parser("keys", help="every config key with its type, default and doc")
+    keys.add_argument("section", nargs="?", help="a dotted section or key (optim, model.layers.mixers); default: all")
+    keys.set_defaults(fn=cmd_config_keys)
+    diff = csub.add_parser("diff", help="the resolved-config keys in which two configs or run dirs differ")
+    diff.add_argument("a", metavar="A", help="config file or run dir")
+    diff.add_argument("b", metavar="B", help="config file or run dir")
+    diff.set_defaults(fn=cmd_config_diff)
 
-    pa = sub.add_parser("params", help="parameter counts, FLOPs/token, optimizer groups")
-    _add_config(pa)
+    pa = sub.add_parser("params", help="parameter counts, FLOPs/token, optimizer groups; several configs: "
+                                       "arms side by side")
+    _add_config(pa, "YAML config file; further *.yaml positionals are arms compared with it "
+                    "(the overrides apply to every arm)")
     pa.set_defaults(fn=cmd_params)
 
     d = sub.add_parser("data", help="data tools")
@@ -214,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="default: the run's config `device`")
     g.set_defaults(fn=cmd_generate)
 
     pr = sub.add_parser("probe", help="FFN activation sparsity of a checkpoint (per layer)")
@@ -256,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(gather_overrides(parser, argv))
         return args.fn(args)
     except ConfigError as e:
         print(f"ablate: error: {e}", file=sys.stderr)

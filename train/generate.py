@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 import models
+from models.registry import ConfigError
 from train.rundir import RunDir
-from train.runtime import load_model
+from train.runtime import load_model, load_run_config, resolve_device
 
 
 @torch.no_grad()
@@ -44,13 +45,19 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 def generate_from_run(run_dir: str | Path, prompt: str, step: int | str | None = "latest",
                       max_new_tokens: int = 100, temperature: float = 0.0, top_k: int | None = None,
-                      seed: int = 0) -> str:
+                      seed: int = 0, device: str | None = None) -> str:
+    """`ablate generate`: a sample from a run's checkpoint on `device` (auto | cpu | cuda; None:
+    the run's own `device`, resolved as training resolves it)."""
     from train.data import load_tokenizer
-    model, cfg, _ = load_model(run_dir, step)
+    try:
+        dev = resolve_device(device or load_run_config(run_dir).device)
+    except ConfigError as e:              # no GPU: name the flag when it asked for one
+        raise ConfigError("--device" if device else e.key, e.message) from None
+    model, cfg, _ = load_model(run_dir, step, dev)
     tok = load_tokenizer(RunDir(run_dir).tokenizer_dir)
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)], dtype=torch.long)
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)], dtype=torch.long, device=dev)
     if ids.numel() == 0:
-        ids = torch.tensor([[tok.eos_token_id]], dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
+        ids = torch.tensor([[tok.eos_token_id]], dtype=torch.long, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     out = generate(model, ids, max_new_tokens, temperature, top_k, eos_id=tok.eos_token_id, generator=gen)
     return tok.decode(out[0].tolist(), skip_special_tokens=True)

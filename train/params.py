@@ -85,12 +85,13 @@ def ffn_line(model: torch.nn.Module, cfg: Config) -> str:
     return text
 
 
-def arm_counts(paths: list[str | Path]) -> list[dict]:
-    """Parameter counts of several configs (ablation arms); the first is the baseline."""
+def arm_counts(paths: list[str | Path], overrides: list[str] | None = None) -> list[dict]:
+    """Parameter counts of several configs (ablation arms), each with the same `overrides` (so a
+    shape change applies to every arm alike); the first is the baseline."""
     from train.config import load_config
     rows = []
     for path in paths:
-        cfg = load_config(path)
+        cfg = load_config(path, overrides)
         resolve_config(cfg)
         with torch.device("meta"):
             model = models.Decoder(cfg.model)
@@ -104,9 +105,10 @@ def arm_counts(paths: list[str | Path]) -> list[dict]:
     return rows
 
 
-def arms_report(paths: list[str | Path]) -> str:
-    """`ablate params A.yaml B.yaml ...`: one line per arm, non-embedding counts vs the first."""
-    rows = arm_counts(paths)
+def arms_report(paths: list[str | Path], overrides: list[str] | None = None) -> str:
+    """`ablate params A.yaml B.yaml ... [KEY=VALUE ...]`: one line per arm, non-embedding counts
+    vs the first."""
+    rows = arm_counts(paths, overrides)
     table = [["arm", "ffn", "hidden", "total", "non-embedding", "vs first"]]
     table += [[r["arm"], r["ffn"], str(r["hidden"] or "-"), f"{r['total']:,}", f"{r['non_embedding']:,}",
                f"{100 * r['vs_baseline']:+.3f}%"] for r in rows]
