@@ -18,7 +18,7 @@ class InTrainingEval(Callback):
     def on_step_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         if eval_due(state.cfg, state.step):
             run_in_training_eval(state.model, state.cfg, state.run, state.step, state.device,
-                                 val_data=state.data.val if state.data is not None else None, log=state.log)
+                                 val_data=getattr(state.data, "val", None), log=state.log)
 
 
 def eval_callbacks(cfg: Any) -> list[Callback]:

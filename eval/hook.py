@@ -61,8 +61,15 @@ def run_in_training_eval(model: nn.Module, cfg: Any, run: RunDir | str | Path, s
         return None
     from eval.runner import EvalSpec, evaluate_model
     from train.data import load_tokenizer
+    from train.data.source import no_tokenizer_reason
 
     run = run if isinstance(run, RunDir) else RunDir(run)
+    reason = no_tokenizer_reason(cfg) if tokenizer_dir is None else None
+    if reason is not None:          # a synthetic source: nothing lm-eval can read; say so once per eval
+        row = {"kind": "event", "event": "eval_skipped", "step": step, "tasks": list(cfg.eval.tasks),
+               "reason": reason}
+        (log or run.log)(row)
+        return None
     e = cfg.eval
     spec = EvalSpec(tasks=list(e.tasks), limit=e.limit, include_path=e.include_path or [], data_dir=e.data_dir,
                     batch_size=getattr(e, "batch_size", None) or cfg.train.micro_batch)

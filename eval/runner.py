@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,11 @@ def evaluate_run(run_dir: str | Path, step: int | str | None, spec: EvalSpec,
 
     run = RunDir(run_dir)
     cfg = load_run_config(run_dir)
+    from train.data.source import no_tokenizer_reason
+    reason = no_tokenizer_reason(cfg)
+    if reason is not None:
+        print(f"ablate: eval skipped: {reason}", file=sys.stderr)
+        return []
     if not run.tokenizer_dir.is_dir():
         raise ConfigError("RUN_DIR", f"{run.tokenizer_dir} is missing: evaluation needs the run's tokenizer")
     tokenizer = load_tokenizer(run.tokenizer_dir)

@@ -102,12 +102,17 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from train.data import prepare_data
+    from train.data import prepare_data, prepare_val_sets
     cfg = _load(args)
     data = prepare_data(cfg, full_hash=True, progress=True)
-    print(f"cache: {data.cache_key}\ntokenizer: {data.tokenizer_dir} (vocab {data.vocab_size})\n"
-          f"train tokens: {len(data.train.tokens):,}  documents: {len(data.train.doc_starts):,}\n"
-          f"val tokens: {len(data.val.tokens):,}  documents: {len(data.val.doc_starts):,}")
+    print(f"cache: {data.cache_key}\ntokenizer: {data.tokenizer_dir} (vocab {data.vocab_size})")
+    for name, ds in prepare_val_sets(cfg, data, full_hash=True, progress=True).items():
+        if ds is data:
+            continue
+        print(f"validation set {name}: {ds.cache_key}")
+    if hasattr(data, "train"):                   # a token source: its splits
+        print(f"train tokens: {len(data.train.tokens):,}  documents: {len(data.train.doc_starts):,}\n"
+              f"val tokens: {len(data.val.tokens):,}  documents: {len(data.val.doc_starts):,}")
     return 0
 
 

@@ -636,12 +636,13 @@ class Trainer:
                 metrics = self.train_step(batches)
                 step_seconds, steps_timed = step_seconds + time.perf_counter() - t0, steps_timed + 1
 
-                if self._log_due(st.step):       # throughput of the steps alone (not validation, eval or saves)
+                if self._log_due(st.step):       # throughput of the steps alone (not validation, eval or saves);
+                    # tokens/s is the whole job's, MFU per device (peak is one device's)
                     tps = steps_timed * tokens_per_step / max(step_seconds, 1e-9)
                     step_seconds, steps_timed = 0.0, 0
                     row = {"kind": "train", "step": st.step, "tokens": st.step * tokens_per_step,
                            **{k: v for k, v in metrics.items() if k != "update"},
-                           "tokens_per_s": tps, "mfu": (tps * fpt / peak) if peak else None,
+                           "tokens_per_s": tps, "mfu": (tps * fpt / (peak * self.info.world_size)) if peak else None,
                            "mem_gb": memory_gb(self.device), "time_s": self.elapsed(),
                            **{k: round(v, 4) for k, v in window.items()}, "samples": self._samples(batches)}
                     window = dict.fromkeys(window, 0.0)

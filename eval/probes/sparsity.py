@@ -7,8 +7,8 @@ switch, `model.ffn.stochastic.eval_mode` for StochA before it. Layers without an
 (fused_linear, memory layers) report None.
 
 - `ffn_sparsity(model, batches)`: per-layer fractions for some batches.
-- `ffn_sparsity_row(...)`: the `probe` row logged after each validation (`SparsityProbe`, a
-  callback the composition root hands to the trainer).
+- `ffn_sparsity_rows(...)`: the long-format `probe` rows logged after each validation
+  (`SparsityProbe`, a callback the composition root hands to the trainer).
 - `sparsity_probe(run_dir, step)`: the same for a saved checkpoint on the run's validation
   batches (`ablate probe RUN_DIR [--step N]`); `format_sparsity` prints it.
 """
@@ -77,16 +77,25 @@ def mean_sparsity(layers: list[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def ffn_sparsity_row(model: nn.Module, batches: list[dict[str, torch.Tensor]], step: int,
-                     device: torch.device | str | None = None,
-                     autocast: Callable[[], ContextManager] | None = None) -> dict[str, Any] | None:
-    """The metrics.jsonl `probe` row for step `step`, or None when no layer has an activation."""
+PROBE = "sparsity"      # the `ablate probe --probes` name, and the `probe` field of its rows
+
+
+def probe_rows(probe: str, step: int, layers: list[float | None], overall: float | None) -> list[dict[str, Any]]:
+    """Long-format `probe` rows: one per layer with a value, and the whole model's (layer null)."""
+    rows = [{"kind": "probe", "step": step, "probe": probe, "layer": i, "head": None, "value": v}
+            for i, v in enumerate(layers) if v is not None]
+    if overall is not None:
+        rows.append({"kind": "probe", "step": step, "probe": probe, "layer": None, "head": None, "value": overall})
+    return rows
+
+
+def ffn_sparsity_rows(model: nn.Module, batches: list[dict[str, torch.Tensor]], step: int,
+                      device: torch.device | str | None = None,
+                      autocast: Callable[[], ContextManager] | None = None) -> list[dict[str, Any]]:
+    """The metrics.jsonl `probe` rows of step `step` (none when no layer has an activation): per
+    layer its fraction of exact zeros, and (layer null) the mean over layers."""
     layers = ffn_sparsity(model, batches, device, autocast)
-    mean = mean_sparsity(layers)
-    if mean is None:
-        return None
-    return {"kind": "probe", "probe": "ffn_sparsity", "step": step, "ffn_sparsity": mean,
-            "ffn_sparsity_layers": layers}
+    return probe_rows(PROBE, step, layers, mean_sparsity(layers))
 
 
 def _mode(model: nn.Module) -> str:
@@ -111,12 +120,13 @@ def sparsity_probe(run_dir: str | Path, step: int | str | None = "latest", n_bat
     The model gets the activation its last update trained with (the ReLU fine-tune switch
     included); n_batches defaults to `train.val_batches`.
     """
-    from train.data import DataError, prepare_data, val_batches
+    from train.data import DataError, fixed_batches, prepare_data
     from train.runtime import load_model
 
     model, cfg, found = load_model(run_dir, step, device)      # with its last update's activation
     data = prepare_data(cfg, progress=False)
-    batches = val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch, n_batches or cfg.train.val_batches)
+    batches = fixed_batches(data.val_samples(cfg.data.seq_len), cfg.train.micro_batch,
+                            n_batches or cfg.train.val_batches)
     if not batches:
         raise DataError("data.val_fraction", "the run's validation split has no window to probe")
     layers = ffn_sparsity(model, batches, device)
@@ -140,9 +150,9 @@ def format_sparsity(report: dict[str, Any]) -> str:
 class SparsityProbe(Callback):
     """After each validation: the FFN sparsity `probe` row on the first validation batch."""
 
-    name = "ffn_sparsity"
+    name = "sparsity_probe"
 
     def on_validation(self, state: TrainState, val: dict[str, Any]) -> None:
-        row = ffn_sparsity_row(state.model, state.val_batches[:1], state.step, state.device, state.backend.autocast)
-        if row is not None:
+        for row in ffn_sparsity_rows(state.model, state.val_batches[:1], state.step, state.device,
+                                     state.backend.autocast):
             state.log(row)

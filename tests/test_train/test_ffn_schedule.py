@@ -23,7 +23,7 @@ import models
 from models.config import model_config
 from train.callbacks.activation_schedule import (apply_activation_schedule, apply_checkpoint_activation,
                                        relu_finetune_active, relu_switch_step)
-from eval.probes.sparsity import ffn_sparsity, ffn_sparsity_row, format_sparsity, sparsity_probe
+from eval.probes.sparsity import ffn_sparsity, ffn_sparsity_rows, format_sparsity, sparsity_probe
 
 V = 59
 
@@ -183,12 +183,14 @@ def test_sparsity_of_glu_is_measured_on_the_gate():
 def test_sparsity_row_and_layers_without_activation():
     fused, _ = tiny("fused_linear", "identity")
     assert ffn_sparsity(fused, batches_of(1)) == [None, None]
-    assert ffn_sparsity_row(fused, batches_of(1), 5) is None
+    assert ffn_sparsity_rows(fused, batches_of(1), 5) == []
     model, _ = tiny("mlp", "relu")
-    row = ffn_sparsity_row(model, batches_of(1), 5)
-    assert row["kind"] == "probe" and row["probe"] == "ffn_sparsity" and row["step"] == 5
-    assert row["ffn_sparsity"] == pytest.approx(sum(row["ffn_sparsity_layers"]) / 2)
-    json.dumps(row)
+    rows = ffn_sparsity_rows(model, batches_of(1), 5)
+    assert all(r["kind"] == "probe" and r["probe"] == "sparsity" and r["step"] == 5 and r["head"] is None
+               for r in rows)
+    assert [r["layer"] for r in rows] == [0, 1, None]            # per layer, then the model (layer null)
+    assert rows[2]["value"] == pytest.approx((rows[0]["value"] + rows[1]["value"]) / 2)
+    json.dumps(rows)
 
 
 # ----------------------------------------------------------------------------- trainer integration
@@ -235,10 +237,13 @@ def test_switch_survives_resume(ft_run, tmp_path, tiny_dict):
 
 
 def test_trainer_logs_ffn_sparsity_probe_rows(ft_run):
-    rows = {r["step"]: r for r in train_rows(ft_run, "probe") if r.get("probe") == "ffn_sparsity"}
-    assert set(rows) >= {6, 12}                          # after each validation (val_every 6)
-    assert rows[6]["ffn_sparsity_layers"] == [0.0, 0.0]  # SwiGLU: no exact zeros
-    assert all(0.2 < v < 0.9 for v in rows[12]["ffn_sparsity_layers"])   # ReGLU gate after the switch
+    layers: dict[int, list[float]] = {}
+    for r in train_rows(ft_run, "probe"):
+        if r["probe"] == "sparsity" and r["layer"] is not None:
+            layers.setdefault(r["step"], []).append(r["value"])
+    assert set(layers) >= {6, 12}                        # after each validation (val_every 6)
+    assert layers[6] == [0.0, 0.0]                       # SwiGLU: no exact zeros
+    assert all(0.2 < v < 0.9 for v in layers[12])        # ReGLU gate after the switch
 
 
 def test_trainer_passes_global_sample_indices(tmp_path, tiny_dict, monkeypatch):

@@ -173,6 +173,9 @@ class Pretokenized(DataSource):
     def vocab_size(self, dcfg: Any) -> int | None:
         return dcfg.pretokenized.vocab_size
 
+    def has_tokenizer(self, cfg: Any) -> bool:
+        return cfg.tokenizer.path is not None
+
     def prepare(self, ctx: PrepareContext, dcfg: Any, key: str) -> PreparedData:
         from train.data.prepare import finish
 

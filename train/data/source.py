@@ -81,6 +81,10 @@ class DataSource:
         """The vocabulary when the config alone knows it (None: the tokenizer's)."""
         return None
 
+    def has_tokenizer(self, cfg: Any) -> bool:
+        """Whether a run on this source has a tokenizer (lm-eval and text generation need one)."""
+        return self.text
+
     def prepare(self, ctx: PrepareContext, dcfg: Any, key: str) -> Any:
         raise NotImplementedError
 
@@ -89,6 +93,7 @@ class SourceProtocol(Protocol):
     text: bool
     def check(self, dcfg: Any, path: str) -> None: ...
     def vocab_size(self, dcfg: Any) -> int | None: ...
+    def has_tokenizer(self, cfg: Any) -> bool: ...
     def prepare(self, ctx: PrepareContext, dcfg: Any, key: str) -> Any: ...
 
 
@@ -112,6 +117,14 @@ def registered_sources() -> Registry:
 def source(name: str, key: str = "data.source") -> DataSource:
     """The registered source `name`; an unknown one is a ConfigError naming `key`."""
     return registered_sources().get(name, key)()
+
+
+def no_tokenizer_reason(cfg: Any) -> str | None:
+    """Why a run of `cfg` has no tokenizer (None when it has one): the eval hook and `ablate eval`
+    skip with this reason instead of failing."""
+    if source(cfg.data.source).has_tokenizer(cfg):
+        return None
+    return f"the run has no tokenizer (data.source={cfg.data.source} has its own vocabulary)"
 
 
 def source_configs() -> dict[str, type]:
