@@ -55,7 +55,8 @@ def _split(docs: Iterable[str], fraction: float) -> Iterator[tuple[str, str]]:
         yield ("val" if is_val(i, fraction) else "train"), doc
 
 
-def _single(dcfg: Any, key: str) -> Corpus:
+def single_corpus(dcfg: Any, key: str) -> Corpus:
+    """The Corpus of one source of documents (its held-out split, or `val_paths`)."""
     source = text_source(dcfg, key)
     val = files_source(dcfg.val_paths, dcfg.text_field, dcfg.encoding_errors, f"{key}.val_paths") \
         if dcfg.val_paths else None
@@ -100,7 +101,8 @@ def interleave(weights: list[float], lists: list[list[tuple[str, int]]]) -> list
         used[i] += nbytes
 
 
-def _mixture(dcfg: Any, key: str) -> Corpus:
+def mixture_corpus(dcfg: Any, key: str) -> Corpus:
+    """The Corpus of `data.mixture`: its entries interleaved by weight (module docstring)."""
     entries = dcfg.mixture_sources(key)
     sources: list[TextSource] = []
     for i, (_, child) in enumerate(entries):
@@ -157,7 +159,9 @@ def _mixture(dcfg: Any, key: str) -> Corpus:
 
 
 def build_corpus(dcfg: Any, key: str = "data") -> Corpus:
-    """The Corpus of a text data section (`mixture`, or any source of documents)."""
-    if dcfg.source == "mixture":
-        return _mixture(dcfg, key)
-    return _single(dcfg, key)
+    """The Corpus of a text data section, as its registered source builds it."""
+    from train.data.source import source
+    kind = source(dcfg.source, f"{key}.source")
+    if not kind.text:
+        raise DataError(f"{key}.source", f"'{dcfg.source}' is not a text source")
+    return kind.corpus(dcfg, key)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from train.data.cache import CACHE_VERSION, build_once
-from train.data.corpus import Corpus, build_corpus
+from train.data.corpus import Corpus, mixture_corpus, single_corpus
 from train.data.errors import DataError
 from train.data.fingerprint import content_id, hash_obj
 from train.data.prepared import PreparedData
@@ -50,8 +50,12 @@ class TextKind(DataSource):
     def documents(self, dcfg: Any, key: str) -> TextSource:
         raise NotImplementedError
 
+    def corpus(self, dcfg: Any, key: str) -> Corpus:
+        """The documents split into train and validation (train/data/corpus.py)."""
+        return single_corpus(dcfg, key)
+
     def prepare(self, ctx: PrepareContext, dcfg: Any, key: str) -> PreparedData:
-        return prepare_text(ctx, build_corpus(dcfg, key), dcfg, key)
+        return prepare_text(ctx, self.corpus(dcfg, key), dcfg, key)
 
 
 @SOURCES.register("embedded", config=EmbeddedConfig)
@@ -91,6 +95,9 @@ class Mixture(TextKind):
     def check(self, dcfg: Any, path: str) -> None:
         if not dcfg.mixture:
             raise DataError(f"{path}.mixture", "data.source=mixture needs at least one entry")
+
+    def corpus(self, dcfg: Any, key: str) -> Corpus:
+        return mixture_corpus(dcfg, key)
 
 
 # ----------------------------------------------------------------------------- the pipeline
