@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.memory_sharded import column_sharded_bag, is_sharded, shard_columns
+from models.parallel_plan import ParallelHint
 from models.registry import MEMORIES
 from models.tags import MEMORY_VALUE, TagSpec, register_tag, tag_linear
 
@@ -71,9 +73,16 @@ def product_key_topk(q: torch.Tensor, keys: torch.Tensor, knn: int, final: int |
 
 
 class ValueTable(nn.Module):
-    """The memory's values, (n_keys^2, v_dim): per layer, or shared by every memory layer."""
+    """The memory's values, (n_keys^2, v_dim): per layer, or shared by every memory layer. Under
+    FSDP2 it shards itself by columns over the data-parallel ranks (models/memory_sharded.py)
+    instead of being all-gathered whole around every forward."""
 
     param_tags = {"weight": MEMORY_VALUE.name}
+    parallel_hint = ParallelHint(shard_self=True)
+
+    def shard(self, mesh: Any) -> None:
+        """Called by apply_parallelism (train/parallel.py) before fully_shard."""
+        shard_columns(self, mesh)
 
     def __init__(self, slots: int, v_dim: int):
         super().__init__()
@@ -139,8 +148,11 @@ class ProductKeyMemory(nn.Module):
         values = self.value_table(ctx)
         # softmax in fp32 (fp64 stays fp64), cast to the table's dtype for the weighted read
         weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(values.dtype)
-        bag = F.embedding_bag(slots.reshape(B * T, -1), values, per_sample_weights=weights.reshape(B * T, -1),
-                              mode="sum").to(x.dtype)
+        slots, weights = slots.reshape(B * T, -1), weights.reshape(B * T, -1)
+        if is_sharded(values):       # FSDP2: this rank holds a block of columns of every slot
+            bag = column_sharded_bag(slots, weights, values).to(x.dtype)
+        else:
+            bag = F.embedding_bag(slots, values, per_sample_weights=weights, mode="sum").to(x.dtype)
         out = self.w_out(bag.view(B, T, -1) * F.silu(self.w_s(x)))
         if self.gate is not None:
             out = torch.sigmoid(self.gate(x)) * out

@@ -7,8 +7,9 @@ own treatment with a `parallel_hint` attribute, so a technique never edits the d
 backend for it:
 
 - `ParallelHint(shard_self=True)`: its parameters are left out of `fully_shard`
-  (`ignored_params`) because the module shards them its own way (e.g. a memory layer's value
-  table split along the embedding dimension).
+  (`ignored_params`) because the module shards them its own way, in its `shard(mesh)` method,
+  called with FSDP2's mesh before `fully_shard` (e.g. a memory layer's value table split along
+  the embedding dimension).
 - `ParallelHint(own_unit=True)`: it gets its own `fully_shard` unit (its parameters are
   all-gathered only around its own forward).
 - `ParallelHint(reshard_after_forward=False)`: its unit stays unsharded between forward and
@@ -40,6 +41,7 @@ class ParallelPlan:
     compiled: list[str]
     ignored_params: list[str] = field(default_factory=list)
     reshard_after_forward: dict[str, bool] = field(default_factory=dict)
+    self_sharded: list[str] = field(default_factory=list)   # modules whose `shard(mesh)` shards them
 
 
 def collect_hints(model: nn.Module, plan: ParallelPlan) -> ParallelPlan:
@@ -50,6 +52,7 @@ def collect_hints(model: nn.Module, plan: ParallelPlan) -> ParallelPlan:
             continue
         if hint.shard_self:
             plan.ignored_params += [f"{name}.{p}" for p, _ in module.named_parameters()]
+            plan.self_sharded.append(name)
         if hint.own_unit and name not in plan.units:
             plan.units.append(name)
         if hint.reshard_after_forward is not None:

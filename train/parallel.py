@@ -222,6 +222,9 @@ def apply_parallelism(model: nn.Module, pcfg: Any, fsdp: dict[str, Any] | None =
     per block, then FSDP2 (`fsdp`: fully_shard's mesh / policies; None: no sharding): each unit,
     then the root, leaving out the parameters that shard themselves."""
     plan = model.parallel_plan()
+    if fsdp is not None:            # self-sharding modules first: their new parameters are the ignored ones
+        for name in plan.self_sharded:
+            model.get_submodule(name).shard(fsdp["mesh"])
     named = dict(model.named_parameters())
     ignored = {named[n] for n in plan.ignored_params}
     if pcfg.activation_checkpointing != "none":

@@ -42,12 +42,16 @@ def test_hints_shape_the_plan_and_fsdp2_follows_it(group):
         model = models.Decoder(model_config({**BASE, "memory": {"layers": [1], "kind": "test_memory"}}))
     memory = model.blocks[1].ffn
     memory.parallel_hint = ParallelHint(shard_self=True)
+    meshes = []
+    memory.shard = meshes.append                   # its own sharding (here: it keeps its parameters whole)
     model.blocks[0].mixer.parallel_hint = ParallelHint(own_unit=True, reshard_after_forward=False)
     plan = model.parallel_plan()
     assert plan.ignored_params == ["blocks.1.ffn.keys", "blocks.1.ffn.values"]
     assert plan.units[-1] == "blocks.0.mixer" and plan.reshard_after_forward["blocks.0.mixer"] is False
 
-    apply_parallelism(model, PCfg(), {"mesh": init_device_mesh("cpu", (1,))})
+    mesh = init_device_mesh("cpu", (1,))
+    apply_parallelism(model, PCfg(), {"mesh": mesh})
+    assert meshes == [mesh]                                           # asked to shard itself, with the mesh
     assert isinstance(model.blocks[0].mixer, FSDPModule)              # its own unit
     assert not hasattr(memory.values, "device_mesh")                   # left out: a plain parameter
     assert hasattr(model.blocks[1].mixer.wq.weight, "device_mesh")    # the rest is sharded
