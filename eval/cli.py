@@ -13,7 +13,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                                           "metrics.jsonl; an existing result with the same settings is reused. "
                                           "Local tasks: ablate_val_ppl (the run's validation text), "
                                           "ablate_hellaswag and ablate_arc_easy (need --data-dir).")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", help="a run dir, or a sweep dir (every run of its manifest)")
     e.add_argument("--step", default="latest", help="latest (default), all, or a checkpoint step")
     e.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     e.add_argument("--include-path", action="append", default=None,
@@ -40,11 +40,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from eval.runner import EvalSpec, evaluate_run
     from train.runtime import load_run_config
 
-    cfg = load_run_config(args.run_dir)       # ConfigError naming RUN_DIR when it is not a run
-    include = args.include_path if args.include_path is not None else (
-        [cfg.eval.include_path] if cfg.eval.include_path else [])
-    spec = EvalSpec(tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                    include_path=include, data_dir=args.data_dir or cfg.eval.data_dir)
-    for result in evaluate_run(args.run_dir, args.step, spec, device=args.device):
-        print(format_result(result))
+    from launch.sweep import is_sweep_dir, sweep_run_dirs
+
+    run_dirs = sweep_run_dirs(args.run_dir) if is_sweep_dir(args.run_dir) else [args.run_dir]   # a sweep: each run
+    for run_dir in run_dirs:
+        cfg = load_run_config(run_dir)       # ConfigError naming RUN_DIR when it is not a run
+        include = args.include_path if args.include_path is not None else (
+            [cfg.eval.include_path] if cfg.eval.include_path else [])
+        spec = EvalSpec(tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                        include_path=include, data_dir=args.data_dir or cfg.eval.data_dir)
+        for result in evaluate_run(run_dir, args.step, spec, device=args.device):
+            print(format_result(result))
     return 0

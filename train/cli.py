@@ -133,8 +133,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from eval.probes.sparsity import format_sparsity, sparsity_probe
-    print(format_sparsity(sparsity_probe(args.run_dir, args.step)))
+    from eval.probes import format_probes, run_probes, write_probes
+    names = [t.strip() for t in args.probes.split(",") if t.strip()] if args.probes else None
+    if args.batches is not None and args.batches < 1:
+        raise UsageError("--batches", f"must be >= 1, got {args.batches}")
+    report = run_probes(args.run_dir, args.step, names, n_batches=args.batches, device=args.device or "cpu")
+    print(format_probes(report))
+    for path in write_probes(report, args.run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from eval.compare import compare, summary_text
+    c, written = compare(args.dirs, out=args.out, metric=args.metric, at=args.at, baseline=args.baseline,
+                         fmt=args.format, log_x=args.log_x)
+    print(summary_text(c))
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -146,6 +162,83 @@ def _int_list(flag: str, text: str) -> list[int]:
     if any(v < 1 for v in values):
         raise UsageError(flag, f"expected positive integers, got {text!r}")
     return values
+
+
+def _slurm_options(args: argparse.Namespace, cfg) -> "SlurmOptions":
+    from launch.slurm import SlurmOptions
+    return SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+                        cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                        account=args.account, qos=args.qos, constraint=args.constraint, exclusive=args.exclusive,
+                        signal_lead=args.signal_lead)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from launch.slurm import SlurmOptions, launch_slurm, prepare_run, render, run_local, write_script
+    from train.rundir import RunDir
+    cfg = _load(args)
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
+    if args.slurm:
+        script, job = launch_slurm(cfg, run_dir, _slurm_options(args, cfg), dry_run=args.dry_run)
+        if job is None:
+            print(f"rendered {script} (not submitted: --dry-run)")
+        else:
+            print(f"submitted job {job} for {run_dir}\nfollow: tail -f {run_dir}/slurm/{job}.out   "
+                  f"ablate status {run_dir}")
+        return 0
+    if args.nproc is None or args.nproc < 1:
+        raise UsageError("--nproc", "--local needs --nproc N (processes on this host), N >= 1")
+    opts = SlurmOptions(nodes=1, nproc_per_node=args.nproc)
+    prepare_run(cfg, run_dir)
+    run = RunDir(run_dir)
+    script = write_script(run, render(cfg, opts, [run.path], f"ablate-{cfg.name}",
+                                      str((run.path / "slurm" / "%j.out").resolve())))
+    if args.dry_run:
+        print(f"rendered {script} (not run: --dry-run)")
+        return 0
+    print(f"running {script} on this host; log: {run_dir}/slurm/")
+    rc = run_local(script, run.path)
+    print(f"job script exited with {rc}; ablate status {run_dir}")
+    return 0 if rc == 0 else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from launch.slurm import launch_sweep
+    from launch.sweep import expand
+    if args.slurm == args.local:
+        raise UsageError("--slurm", "choose one of --slurm or --local")
+    opts = _slurm_options(args, expand(args.sweep)[2][0].cfg) if args.slurm else None
+    out = launch_sweep(args.sweep, opts, local_parallel=args.parallel, eval_tasks=args.eval,
+                       max_concurrent=args.max_concurrent, dry_run=args.dry_run)
+    print(f"sweep {out['root']}: {len(out['todo'])} runs to train, {len(out['done'])} already done")
+    if out.get("job"):
+        print(f"submitted job array {out['job']}" + (f", evaluation {out['eval_job']} after it" if out.get("eval_job")
+                                                     else ""))
+    elif args.dry_run and out.get("script"):
+        print(f"rendered {out['script']} (not submitted: --dry-run)")
+    print(f"ablate status {out['root']}")
+    return 0 if all(c == 0 for c in out.get("codes", [])) else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launch.status import format_status, status, status_json
+    rows = status(args.path)
+    print(status_json(rows) if args.json else format_status(rows))
+    return 0
+
+
+def _add_slurm_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slurm", action="store_true", help="submit to Slurm (sbatch)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: the GPUs; "
+                                                                      "required for device: cpu)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    for flag in ("partition", "time", "account", "qos", "constraint"):
+        p.add_argument(f"--{flag}", default=None)
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--signal-lead", type=int, default=120, help="seconds before the time limit Slurm sends USR1 "
+                                                                  "(the job checkpoints and requeues itself)")
+    p.add_argument("--dry-run", action="store_true", help="render the job script, do not submit or run")
 
 
 def cmd_coordcheck(args: argparse.Namespace) -> int:
@@ -308,10 +401,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the run's config `device`")
     g.set_defaults(fn=cmd_generate)
 
-    pr = sub.add_parser("probe", help="FFN activation sparsity of a checkpoint (per layer)")
+    pr = sub.add_parser("probe", help="probes of a checkpoint per layer (FFN sparsity, layer linearity): a table, "
+                                      "RUN_DIR/probes/step-XXXXXXXX/{probes.json,<probe>.png}")
     pr.add_argument("run_dir")
     pr.add_argument("--step", default="latest")
+    pr.add_argument("--probes", default=None, help="comma-separated probe names (default: every one that applies)")
+    pr.add_argument("--batches", type=int, default=None, help="validation micro-batches (default: train.val_batches)")
+    pr.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu")
     pr.set_defaults(fn=cmd_probe)
+
+    cm = sub.add_parser("compare", help="group runs into arms and write a report with statistics and plots",
+                        description="Arms: runs with the same resolved config up to the seed, seed-derived keys, "
+                                    "name and operational keys (docs/compare.md). Writes report.md, a "
+                                    "self-contained report.html and PNGs (or report.json).")
+    cm.add_argument("dirs", nargs="+", metavar="RUN_DIR_OR_SWEEP_DIR")
+    cm.add_argument("--baseline", default=None, help="the arm the others are compared with (default: the "
+                                                     "sweep's first arm, else the first run's)")
+    cm.add_argument("--out", default=None, help="default: RUN_DIR/report or SWEEP_DIR/report (required for several)")
+    cm.add_argument("--metric", default="val_loss", help="val_loss (default), val_ppl, val_<name>[@SET], loss, "
+                                                         "TASK/METRIC[@HASH8]")
+    cm.add_argument("--at", default="final", help="final (default), step=N or tokens=N: the nearest row at or before")
+    cm.add_argument("--format", default="md", choices=("md", "json"), help="md: report.md + report.html + PNGs "
+                                                                          "(needs matplotlib); json: report.json")
+    cm.add_argument("--log-x", action="store_true", help="log-scale token and time axes of the curves")
+    cm.set_defaults(fn=cmd_compare)
 
     ck = sub.add_parser("checkpoint", help="checkpoint tools")
     cksub = ck.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
@@ -339,6 +452,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--loss-memory", action="store_true",
                    help="peak memory of forward+backward with the LM-head loss chunked and in one pass")
     b.set_defaults(fn=cmd_bench)
+
+    la = sub.add_parser("launch", help="train a run as a Slurm job (--slurm) or its job script here (--local)")
+    _add_config(la)
+    la.add_argument("--run-dir", help="default: runs/<config stem>")
+    la.add_argument("--local", action="store_true", help="run the rendered job script on this host")
+    la.add_argument("--nproc", type=int, default=None, help="with --local: processes")
+    _add_slurm_flags(la)
+    la.set_defaults(fn=cmd_launch)
+
+    sw = sub.add_parser("sweep", help="expand a sweep (arms x grid x seeds) and train it: a job array or here")
+    sw.add_argument("sweep", help="sweep YAML (configs/sweeps/<name>.yaml)")
+    sw.add_argument("--local", action="store_true", help="train the runs on this host")
+    sw.add_argument("--parallel", type=int, default=None, help="with --local: runs at a time (default 1)")
+    sw.add_argument("--max-concurrent", type=int, default=None, help="with --slurm: the array's %%M throttle")
+    sw.add_argument("--eval", default=None, metavar="TASKS", help="evaluate every run's final checkpoint after "
+                                                                   "training (comma-separated lm-eval tasks)")
+    _add_slurm_flags(sw)
+    sw.set_defaults(fn=cmd_sweep)
+
+    st = sub.add_parser("status", help="each run's state, step, losses and Slurm job")
+    st.add_argument("path", metavar="RUN_DIR_OR_SWEEP_DIR")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
 
     from eval.cli import add_eval_parser
     add_eval_parser(sub)

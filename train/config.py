@@ -284,9 +284,13 @@ class LogConfig:
 
 @dataclass
 class LaunchConfig:
-    setup: list[str] = field(default_factory=list)   # for `ablate launch` (not built yet): shell lines run before
-                                                     # training on compute nodes; nothing reads it today
-    template: str | None = None    # for `ablate launch` (not built yet): a job script template; nothing reads it today
+    """`launch`: how `ablate launch` / `ablate sweep` run a job (launch/slurm.py)."""
+
+    setup: list[str] = field(default_factory=list)   # shell lines run first in the job (activate an env,
+                                                     # module loads)
+    sbatch: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. "--gres=gpu:8", "--mem=0"
+    template: str | None = None    # a job script template replacing launch/job.sbatch (same {{placeholders}})
+    python: str | None = None      # the interpreter on the compute nodes; null: the one running ablate launch
 
 
 @dataclass
@@ -440,19 +444,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
+def set_dotted(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """data[parts[0]][parts[1]]... = value, making sections on the way (an override's effect)."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is not a section, cannot set {'.'.join(parts)}")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Command-line KEY=VALUE overrides (values parsed as YAML) applied to a raw config dict."""
     data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(".".join(parts[: i + 1]), f"is not a section, cannot set '{text}'")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(data, parts, value)
     return data
 
 

@@ -80,7 +80,27 @@ def init_distributed(backend_name: str, device_type: str, timeout_s: float,
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local)
+    if dist.get_world_size() > 1:
+        preflight(device_type, local)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def preflight(device_type: str, local_rank: int) -> None:
+    """An all-reduce across every rank before any work, so a broken node or network fails now,
+    naming this host, rather than in the first step after the data and the model are built."""
+    import socket
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    world = dist.get_world_size()
+    try:
+        ones = torch.ones(1, device=device)
+        dist.all_reduce(ones)
+        ok = int(ones.item()) == world
+    except Exception as e:  # noqa: BLE001 - any collective failure: say where
+        raise RuntimeError(f"pre-flight all-reduce failed on host {socket.gethostname()} (rank {dist.get_rank()} "
+                           f"of {world}): {type(e).__name__}: {e}") from e
+    if not ok:
+        raise RuntimeError(f"pre-flight all-reduce on host {socket.gethostname()} (rank {dist.get_rank()}) summed "
+                           f"to {int(ones.item())}, not the world size {world}")
 
 
 def shutdown_distributed() -> None:

@@ -22,7 +22,15 @@ def step_name(step: int) -> str:
 
 
 def code_version() -> dict[str, Any]:
-    """git sha and dirty flag of the source tree this process runs from (null outside git)."""
+    """git sha and dirty flag of the source tree this process runs from: a launched job runs a
+    snapshot (RUN_DIR/code/, launch/slurm.py) whose version was written beside it at launch;
+    null outside git."""
+    snapshot = REPO_ROOT / "code_version.json"
+    if snapshot.is_file():
+        try:
+            return {**json.loads(snapshot.read_text()), "snapshot": str(REPO_ROOT)}
+        except (OSError, ValueError):
+            pass
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)

@@ -19,13 +19,16 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
-def test_every_config_resolves(path: Path):
-    if "sweeps" in path.parts:
-        pytest.skip("sweep files are expanded by `ablate sweep`")
-    cfg = load_config(path)
-    cfg.model.vocab_size = cfg.resolved_vocab_size()
-    with torch.device("meta"):
-        models.Decoder(cfg.model)
+def test_every_config_resolves(path: Path, tmp_path: Path):
+    if "sweeps" in path.parts:             # every run of the sweep (nothing is written)
+        from launch.sweep import expand
+        cfgs = [r.cfg for r in expand(path, tmp_path)[2]]
+    else:
+        cfgs = [load_config(path)]
+    for cfg in cfgs:
+        cfg.model.vocab_size = cfg.resolved_vocab_size()
+        with torch.device("meta"):
+            models.Decoder(cfg.model)
 
 
 @pytest.mark.parametrize("name", ["tiny", "20m", "125m", "350m", "1b"])
