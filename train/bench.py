@@ -7,11 +7,12 @@
   `models/`, in the same process (compiled per block when `parallel.compile` is on: both or
   neither), and prints our throughput as a ratio of it: the overhead the configurable model costs.
 - `--mixers [--seq-lens 512,2048]`: each distinct mixer of the layer pattern alone, forward and
-  backward, at each sequence length.
+  backward, at each sequence length, in each of its forms (DeltaNet: chunkwise and recurrent).
 - `--loss-memory`: peak memory of forward + backward with the LM-head loss chunked and in one pass.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Callable
 
@@ -192,7 +193,9 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, reference: bool = F
 
 
 def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int = 3) -> str:
-    """Each distinct mixer of the layer pattern alone: forward + backward of one (B, T, d) input."""
+    """Each distinct mixer of the layer pattern alone: forward + backward of one (B, T, d) input,
+    once per form it lists in `bench_forms` (DeltaNet: chunkwise and recurrent), each row named
+    by the kernel it ran."""
     device = resolve_device(cfg.device)
     resolve_config(cfg)
     m = cfg.model
@@ -204,7 +207,9 @@ def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int 
         mixer_cfg = m.layers.mixers[letter]
         torch.manual_seed(cfg.seed)
         mixer = MIXERS.get(mixer_cfg.kind)(m, mixer_cfg, letters.index(letter)).to(device)
-        for T in seq_lens:
+        for form, T in itertools.product(getattr(mixer, "bench_forms", (None,)), seq_lens):
+            if form is not None:             # a mixer with several forms (DeltaNet: chunk, recurrent)
+                mixer.form = form
             cos, sin = RotaryEmbedding(m.head_dim, T, m.rope_theta)(0, T, device)
             ctx = MixerContext(start=0, cos=cos.float(), sin=sin.float())
             x = torch.randn(B, T, m.d_model, device=device, requires_grad=True)
@@ -218,7 +223,8 @@ def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int 
                 mixer.zero_grad(set_to_none=True)
 
             s = _seconds_per_call(fwd_bwd, steps, warmup, device)
-            lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6} {s * 1e3:9.2f} ms  {B * T / s:12,.0f} tokens/s")
+            lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6} {s * 1e3:9.2f} ms  {B * T / s:12,.0f} tokens/s"
+                         f"  {getattr(mixer, 'kernel', '')}")
     return "\n".join(lines)
 
 
