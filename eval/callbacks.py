@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from eval.hook import eval_due, run_in_training_eval
+from eval.probes.entropy import EntropyProbe
 from eval.probes.sparsity import SparsityProbe
 from train.callbacks import Callback, TrainState
 
@@ -24,6 +25,8 @@ class InTrainingEval(Callback):
 def eval_callbacks(cfg: Any) -> list[Callback]:
     """The eval-side callbacks active for `cfg`."""
     out: list[Callback] = [SparsityProbe()]
+    if cfg.train.probe_every:
+        out.append(EntropyProbe())
     if cfg.eval.every and cfg.eval.tasks:
         out.append(InTrainingEval())
     return out

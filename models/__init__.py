@@ -3,7 +3,7 @@
 Importing the package registers every technique (mixers, FFNs, activations, norms,
 parameterizations) in `models.registry`. Needs torch only.
 """
-from models import activations, ffn, memory, mup, norms, parameterization  # noqa: F401  (registration)
+from models import activations, dyt, ffn, memory, mup, norms, parameterization  # noqa: F401  (registration)
 from models import mixers  # noqa: F401
 from models.config import ModelConfig, model_config
 from models.decoder import DecodeCache, Decoder

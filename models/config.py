@@ -71,6 +71,8 @@ class FFNConfig:
     stochastic: StochasticConfig = field(default_factory=StochasticConfig)
     relu_finetune_frac: float = 0.0   # Swi+FT / StochA+FT: ReLU from 0-based step floor((1 - alpha) * train.steps)
                                       # on (alpha = this; 0: off)
+    output_scale: bool = False     # a learnable scalar (init 1) on the FFN output (Scaled-FFN, an LN-free stabilizer)
+    weight_norm: Literal["none", "weight", "spectral"] = "none"   # normalise the FFN matrices (models/weight_norm.py)
 
     def validate(self, path: str) -> None:
         FFNS.check(self.kind, f"{path}.kind")
@@ -163,6 +165,21 @@ class ParamConfig:
 
 
 @dataclass
+class EntropyRegConfig:
+    """`model.entropy_reg`: keep each attention head's row entropy near a learnable fraction of its
+    maximum ("Entropy-Guided Attention for Private LLMs", Jha & Reagen, arXiv 2501.03489;
+    models/entropy.py)."""
+
+    weight: float = 0.0            # lambda of the `entropy_reg` loss term (0: off); ours = paper's x micro-batch x T
+    margin: float = 0.2            # tolerance: no penalty while |E - theta E_max| <= margin E_max
+    learn_threshold: bool = True   # theta per layer and head learnable (sigmoid, init 0.5); false: fixed 0.5
+
+    def validate(self, path: str) -> None:
+        require(self.weight >= 0, f"{path}.weight", f"must be >= 0, got {self.weight}")
+        require(0.0 <= self.margin < 1.0, f"{path}.margin", f"must be in [0, 1), got {self.margin}")
+
+
+@dataclass
 class ModelConfig:
     d_model: int = 256                     # residual stream width
     n_layers: int = 4                      # blocks (layer indices are 0-based everywhere)
@@ -175,13 +192,14 @@ class ModelConfig:
     residual_init_scaling: bool = False    # output projections get std / sqrt(2 * n_layers)
     qk_norm: bool = False                  # RMSNorm on each attention head's queries and keys
     rope_theta: float = 10000.0            # RoPE base
-    doc_mask: bool = False                 # attention never crosses document boundaries in a window
+    doc_mask: bool = False                 # packed documents stay apart: attention masks across them, DeltaNet resets
     loss_chunk_tokens: int = 2048          # LM-head cross-entropy in chunks of this many tokens (0: one pass)
     layers: LayersConfig = field(default_factory=LayersConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     param: ParamConfig = field(default_factory=ParamConfig)
+    entropy_reg: EntropyRegConfig = field(default_factory=EntropyRegConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -230,6 +248,10 @@ class ModelConfig:
         require(len(set(self.memory.layers)) == len(self.memory.layers), mem, "duplicate layer index")
         if self.memory.layers:
             MEMORIES.check(self.memory.kind, f"{path}.memory.kind")
+        if self.entropy_reg.weight > 0:
+            kinds = {self.layers.mixers[letter].kind for letter in self.layers.letters(self.n_layers)}
+            require("attention" in kinds, f"{path}.entropy_reg.weight",
+                    "regularises attention entropy, and no layer of the pattern is attention")
 
 
 def model_config(data: dict[str, Any], path: str = "model") -> ModelConfig:

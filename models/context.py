@@ -88,13 +88,16 @@ class MixerContext:
     row, and whether statistics are wanted."""
 
     start: int                                  # absolute position of the first token of x
-    cos: torch.Tensor
+    cos: torch.Tensor                           # (T, Dh) RoPE tables; (B, T, Dh) per row with a pad_mask
     sin: torch.Tensor
     doc_ids: torch.Tensor | None = None         # (B, T) document id of every token, for doc masking
     sample_index: torch.Tensor | None = None    # (B,) global sample index of each row (keys stochastic masks)
     token_ids: torch.Tensor | None = None       # (B, T) input token ids (hash-keyed lookups, probes)
     want_stats: bool = False                    # modules fill Aux.stats only when True
     shared: Any = None                          # the decoder's shared modules (e.g. a memory value table)
+    pad_mask: torch.Tensor | None = None        # (B, S) True at real tokens over the cached and new positions
+                                                # (left padding: the Hugging Face export); mixers that honour it
+                                                # set `takes_pad_mask = True`
 
 
 @dataclass

@@ -73,6 +73,9 @@ class Decoder(nn.Module):
         direct build bit for bit; on FSDP2 shards each rank keeps its slice (models/init.py)."""
         self.rope.reset(device=device)
         init_parameters(self, self.param, self.init_seed)
+        for module in self.modules():          # state that is not a parameter (spectral norm's iterate)
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
 
     def reset_parameters(self) -> None:
         """nn.Module convention: the same as init_weights()."""
@@ -120,21 +123,33 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
                 cache: DecodeCache | None = None, doc_ids: torch.Tensor | None = None,
                 sample_index: torch.Tensor | None = None, return_logits: bool = False,
-                want_stats: bool = False, z_loss: float = 0.0) -> ModelOutput:
+                want_stats: bool = False, z_loss: float = 0.0,
+                pad_mask: torch.Tensor | None = None) -> ModelOutput:
         """labels: (B, T) next-token targets, -100 where no loss is taken. sample_index: (B,) global
         sample index of each row (the loader's `indices`); it keys the stochastic-activation masks
         so they do not depend on ranks or micro-batching. None: every row counts as sample 0
         (evaluation, generation), so batching never changes a result. z_loss: the coefficient of
-        the z-loss term (PaLM, arXiv 2204.02311), summed over target tokens like the CE."""
+        the z-loss term (PaLM, arXiv 2204.02311), summed over target tokens like the CE.
+        pad_mask: (B, start + T) bool, True at real tokens, over the cached and the new positions
+        (left-padded batches: the Hugging Face export, models/hf.py); each row's RoPE positions
+        count its real tokens only, and every mixer must honour it (`takes_pad_mask`)."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         h = self.embed(input_ids)
         if self.param.input_multiplier != 1.0:
             h = h * self.param.input_multiplier
         rope_dtype = torch.promote_types(h.dtype, torch.float32)   # converted once, not per layer
-        cos, sin = (t.to(rope_dtype) for t in self.rope(start, T, input_ids.device))
+        if pad_mask is None:
+            cos, sin = (t.to(rope_dtype) for t in self.rope(start, T, input_ids.device))
+        else:                    # per-row tables (B, T, Dh): each row's first real token is position 0
+            refused = sorted({type(b.mixer).__name__ for b in self.blocks
+                              if not getattr(b.mixer, "takes_pad_mask", False)})
+            if refused:
+                raise ValueError(f"pad_mask: mixer(s) {', '.join(refused)} cannot take a padding mask")
+            pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
+            cos, sin = (t[pos].to(rope_dtype) for t in self.rope(0, start + T, input_ids.device))
         ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids, sample_index=sample_index,
-                           token_ids=input_ids, want_stats=want_stats, shared=self.shared)
+                           token_ids=input_ids, want_stats=want_stats, shared=self.shared, pad_mask=pad_mask)
         out = ModelOutput(cache=cache)
         for i, block in enumerate(self.blocks):
             h, aux = block(h, ctx, cache.layers[i] if cache is not None else None)

@@ -26,6 +26,7 @@ from models.activations import activate, build_activation
 from models.config import FFNConfig, ModelConfig
 from models.registry import ACTIVATIONS, FFNS, ConfigError, suggest
 from models.tags import tag_linear
+from models.weight_norm import ffn_linear
 from models.widths import glu_width, mlp_width
 
 if TYPE_CHECKING:
@@ -36,19 +37,44 @@ GLU_GATES = {"glu": "sigmoid", "bilinear": "identity", "reglu": "relu", "geglu":
              "stochastic": "stochastic"}
 
 
+def _linear(cfg: ModelConfig, d_in: int, d_out: int) -> nn.Linear:
+    """An FFN matrix, tagged; weight- or spectral-normalised with `model.ffn.weight_norm`."""
+    layer = ffn_linear(cfg, d_in, d_out, cfg.ffn.bias)
+    return layer if hasattr(layer, "param_tags") else tag_linear(layer)
+
+
+class ScaledOutput(nn.Module):
+    """`model.ffn.output_scale`: a learnable scalar s (init 1) on the FFN's output, y -> s y
+    (Scaled-FFN, an LN-free stabilizer: "Entropy-Guided Attention for Private LLMs", arXiv
+    2501.03489). Every FFN kind derives from this."""
+
+    param_tags = {"output_scale": "scalar"}
+
+    def _init_output_scale(self, cfg: ModelConfig) -> None:
+        self.output_scale = nn.Parameter(torch.ones(())) if cfg.ffn.output_scale else None
+
+    def scaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.output_scale is None else y * self.output_scale.to(y.dtype)
+
+    def reset_parameters(self) -> None:
+        if self.output_scale is not None:
+            with torch.no_grad():
+                self.output_scale.fill_(1.0)
+
+
 @FFNS.register("mlp")
-class MLP(nn.Module):
-    param_tags: dict[str, str] = {}
+class MLP(ScaledOutput):
     relu_finetune_activations = frozenset({"silu", "stochastic"})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         hidden = self.hidden_width(cfg)
         self.hidden = hidden
-        self.w1 = tag_linear(nn.Linear(cfg.d_model, hidden, bias=cfg.ffn.bias))
+        self.w1 = _linear(cfg, cfg.d_model, hidden)
         self.act = build_activation(cfg.ffn.activation, hidden, cfg, layer_idx)
-        self.w2 = tag_linear(nn.Linear(hidden, cfg.d_model, bias=cfg.ffn.bias))
+        self.w2 = _linear(cfg, hidden, cfg.d_model)
         self.w2.is_residual_out = True
+        self._init_output_scale(cfg)
 
     @staticmethod
     def hidden_width(cfg: ModelConfig) -> int:
@@ -67,22 +93,22 @@ class MLP(nn.Module):
         ACTIVATIONS.check(name, key)
 
     def forward(self, x: torch.Tensor, ctx: MixerContext | None = None) -> torch.Tensor:
-        return self.w2(activate(self.act, self.w1(x), ctx))
+        return self.scaled(self.w2(activate(self.act, self.w1(x), ctx)))
 
 
 @FFNS.register("glu")
-class GLU(nn.Module):
-    param_tags: dict[str, str] = {}
+class GLU(ScaledOutput):
     relu_finetune_activations = frozenset({"swiglu", "stochastic"})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         hidden = self.hidden_width(cfg)
         self.hidden = hidden
-        self.w_in = tag_linear(nn.Linear(cfg.d_model, 2 * hidden, bias=cfg.ffn.bias))
+        self.w_in = _linear(cfg, cfg.d_model, 2 * hidden)
         self.act = build_activation(GLU_GATES[cfg.ffn.activation], hidden, cfg, layer_idx)
-        self.w2 = tag_linear(nn.Linear(hidden, cfg.d_model, bias=cfg.ffn.bias))
+        self.w2 = _linear(cfg, hidden, cfg.d_model)
         self.w2.is_residual_out = True
+        self._init_output_scale(cfg)
 
     @staticmethod
     def hidden_width(cfg: ModelConfig) -> int:
@@ -99,19 +125,18 @@ class GLU(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: MixerContext | None = None) -> torch.Tensor:
         gate, up = self.w_in(x).chunk(2, dim=-1)
-        return self.w2(activate(self.act, gate, ctx) * up)
+        return self.scaled(self.w2(activate(self.act, gate, ctx) * up))
 
 
 @FFNS.register("fused_linear")
-class FusedLinearFFN(nn.Module):
+class FusedLinearFFN(ScaledOutput):
     """FuFFN: y = W x, W = W2 W1 of an activation-free MLP, stored as one d x d matrix."""
-
-    param_tags: dict[str, str] = {}
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.w = tag_linear(nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.ffn.bias))
+        self.w = _linear(cfg, cfg.d_model, cfg.d_model)
         self.w.is_residual_out = True
+        self._init_output_scale(cfg)
 
     @staticmethod
     def hidden_width(cfg: ModelConfig) -> int:
@@ -143,7 +168,7 @@ class FusedLinearFFN(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        return self.w(x)
+        return self.scaled(self.w(x))
 
 
 def build_ffn(cfg: ModelConfig, layer_idx: int = 0) -> nn.Module:

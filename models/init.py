@@ -99,8 +99,11 @@ def init_parameters(model: nn.Module, param: object, seed: int) -> None:
         module_owned = {pname: p for pname, (p, spec, _) in own.items() if spec.init == "module"}
         values = _module_init(module, mod_name, module_owned, seed) if module_owned else {}
         residual_out = getattr(module, "is_residual_out", False)
-        for pname, (p, spec, full_name) in own.items():
-            full = values[pname] if pname in values else _draw(
-                spec, p.shape, param.init_std(spec, residual_out) if spec.init == "normal" else 0.0,
-                name_seed(seed, full_name))
-            copy_full_into(p, full)
+        fulls = {pname: values[pname] if pname in values else _draw(
+                     spec, p.shape, param.init_std(spec, residual_out) if spec.init == "normal" else 0.0,
+                     name_seed(seed, full_name))
+                 for pname, (p, spec, full_name) in own.items()}
+        if hasattr(module, "derived_init"):     # values that follow from the others' (weight norm's gain)
+            fulls.update(module.derived_init(fulls))
+        for pname, (p, _, _) in own.items():
+            copy_full_into(p, fulls[pname])

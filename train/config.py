@@ -155,6 +155,7 @@ class TrainConfig:
     spike_action: Literal["log", "skip"] = "log"   # a spike: an event row only, or also skip the update
     progress: bool = True          # progress bars on stderr (rank 0): data preparation and training
     max_skipped_steps: int = 10    # halt (FAILED) after this many consecutive non-finite skipped steps (0: never)
+    probe_every: int = 0           # steps between in-training probes (attention entropy rows; 0: off)
     log_group_norms: bool = False  # per optimizer group: grad norm and update/parameter RMS ratio, at log_every
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -166,6 +167,7 @@ class TrainConfig:
         require(self.global_batch % self.micro_batch == 0, f"{path}.global_batch",
                 f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
         require(self.z_loss >= 0, f"{path}.z_loss", f"must be >= 0, got {self.z_loss}")
+        require(self.probe_every >= 0, f"{path}.probe_every", f"must be >= 0 (0: off), got {self.probe_every}")
         require(self.spike_window >= 0, f"{path}.spike_window", f"must be >= 0, got {self.spike_window}")
         require(self.max_skipped_steps >= 0, f"{path}.max_skipped_steps", f"must be >= 0, got {self.max_skipped_steps}")
         require(self.spike_sigma > 0, f"{path}.spike_sigma", f"must be > 0, got {self.spike_sigma}")
@@ -357,7 +359,7 @@ RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.decay_frac", "optim.schedul
                       "optim.schedule.min_lr_ratio", "checkpoint.", "eval.", "log.", "parallel.",
                       "launch.", "train.log_every", "train.val_every", "train.val_batches",
                       "train.progress", "train.peak_tflops", "train.spike_", "train.log_group_norms",
-                      "train.max_skipped_steps",
+                      "train.max_skipped_steps", "train.probe_every",
                       "train.profile.", "data.cache_dir", "data.num_proc", "name",
                       "code_version", "derived")
 

@@ -371,6 +371,11 @@ class Trainer:
                           "val_sets": {name: sum(len(b["indices"]) for b in batches)
                                        for name, batches in state.val_sets.items()}})
             self.log(self.model_event())
+            if cfg.model.entropy_reg.weight > 0 and cfg.model.norm.block != "none":
+                note = (f"model.entropy_reg is on with model.norm.block={cfg.model.norm.block}: allowed, but the "
+                        "regulariser is meant for LN-free models (norm.block: none)")
+                print(f"ablate: note: {note}", file=sys.stderr)
+                self.log({"kind": "event", "event": "note", "step": state.step, "message": note})
         self.backend.barrier()
 
     def model_event(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ says why a probe does not fit a model (None: it does); the default runs every pr
 - `sparsity` (sparsity.py): fraction of exact zeros of each FFN activation
 - `linearity` (linearity.py): linear-fit similarity of each block's output (`linearity`) and
   update (`linearity_no_residual`) to its input, after Razzhigaev et al., arXiv 2405.12250
-- the attention-entropy probe of the norms issue registers here when it lands
+- `entropy` (entropy.py): mean attention row entropy per layer (over heads) and the causal
+  maximum log(t+1); per head in the training rows (`train.probe_every`)
 
 `ablate probe` writes RUN_DIR/probes/step-XXXXXXXX/probes.json and a <probe>.png per probe
 (matplotlib, the `plots` extra); `ablate compare` reads both those files and the probe rows.
@@ -26,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from eval.probes.entropy import entropy_series, has_attention
 from eval.probes.linearity import layer_linearity
 from eval.probes.sparsity import _mode, ffn_activations, ffn_sparsity
 from models.registry import ConfigError
@@ -58,6 +60,8 @@ PROBES: dict[str, Probe] = {
     "sparsity": Probe("sparsity", "FFN activation sparsity (fraction of exact zeros)", _sparsity, _has_activation),
     "linearity": Probe("linearity", "linear-fit similarity of each block's output and update to its input",
                        layer_linearity, lambda model: None),
+    "entropy": Probe("entropy", "mean attention row entropy (nats) per layer, and the causal maximum log(t+1)",
+                     entropy_series, has_attention),
 }
 
 

@@ -1,18 +1,22 @@
 """Causal softmax attention through F.scaled_dot_product_attention.
 
 RoPE, grouped-query attention (n_kv_heads < n_heads), optional QK-norm, optional sliding window,
-optional intra-document masking, and a KV cache for incremental decoding.
+optional intra-document masking, and a KV cache for incremental decoding. LN-free stabilizers:
+a learnable per-head temperature (`temperature`) and Q/K biases (`qk_bias`); the attention
+entropy probe and regulariser (models/entropy.py) on a side path that leaves SDPA's output as is.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.context import MixerContext
+from models.context import Aux, LossTerm, MixerContext
+from models.entropy import attention_probs, causal_max_entropy, entropy_penalty, row_entropy
 from models.norms import RMSNorm
 from models.parameterization import build_parameterization
 from models.registry import MIXERS
@@ -25,6 +29,8 @@ from models.tags import tag_linear
 class AttentionConfig:
     kind: str = "attention"     # the mixer kind (a registered MIXERS name)
     window: int | None = None   # sliding window: a query sees itself and the window-1 tokens before it
+    temperature: bool = False   # learnable per-head temperature tau_h (log-parameterised, init 1): q / tau_h
+    qk_bias: bool = False       # biases on the Q and K projections (as the LN-free reference)
 
     def validate(self, path: str) -> None:
         if self.window is not None:
@@ -61,9 +67,30 @@ def attention_mask(q_len: int, k_len: int, window: int | None, device: torch.dev
     return mask
 
 
+def pad_attention_mask(mask: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    """`mask` (q_len, k_len) or (B, 1, q_len, k_len) restricted to real keys: (B, 1, q_len, k_len).
+
+    pad_mask: (B, k_len), True at real tokens. A padding query keeps its causal keys (all padding
+    under left padding), so no row is empty: SDPA would return NaN there, and NaN times a zero
+    weight still poisons the real rows of the next layer."""
+    q_len = mask.shape[-2]
+    keep = pad_mask[:, None, None, :] | ~pad_mask[:, None, -q_len:, None]
+    return mask & keep
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope with shared (T, Dh) tables, or per-row (B, T, Dh) ones (a pad_mask's positions)."""
+    if cos.dim() == 2:
+        return apply_rope(x, cos, sin)
+    B, T = x.shape[:2]
+    rows = apply_rope(x.reshape(1, B * T, *x.shape[2:]), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+    return rows.view_as(x)
+
+
 @MIXERS.register("attention", config=AttentionConfig)
 class Attention(nn.Module):
-    param_tags: dict[str, str] = {}
+    param_tags = {"log_tau": "scalar", "ereg_theta": "scalar"}
+    takes_pad_mask = True          # honours MixerContext.pad_mask (left-padded batches)
 
     def __init__(self, cfg: ModelConfig, mixer_cfg: AttentionConfig, layer_idx: int):
         super().__init__()
@@ -71,14 +98,41 @@ class Attention(nn.Module):
         self.window = mixer_cfg.window
         self.doc_mask = cfg.doc_mask
         d, dh = cfg.d_model, cfg.head_dim
-        self.wq = tag_linear(nn.Linear(d, self.n_heads * dh, bias=False))
-        self.wk = tag_linear(nn.Linear(d, self.n_kv_heads * dh, bias=False))
+        self.wq = tag_linear(nn.Linear(d, self.n_heads * dh, bias=mixer_cfg.qk_bias))
+        self.wk = tag_linear(nn.Linear(d, self.n_kv_heads * dh, bias=mixer_cfg.qk_bias))
         self.wv = tag_linear(nn.Linear(d, self.n_kv_heads * dh, bias=False))
         self.wo = tag_linear(nn.Linear(self.n_heads * dh, d, bias=False))
         self.wo.is_residual_out = True
         self.scale = build_parameterization(cfg).attention_scale(dh)   # None: 1/sqrt(dh)
         self.q_norm = RMSNorm(dh, cfg.norm.eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(dh, cfg.norm.eps) if cfg.qk_norm else None
+        # log tau_h, folded into q (SDPA's scale is a Python float and cannot carry a parameter)
+        self.log_tau = nn.Parameter(torch.zeros(self.n_heads)) if mixer_cfg.temperature else None
+        ereg = cfg.entropy_reg
+        self.ereg_weight, self.ereg_margin = ereg.weight, ereg.margin
+        if ereg.weight > 0:           # its share of the mean over layers: 1 / (attention layers)
+            letters = cfg.layers.letters(cfg.n_layers)
+            self.ereg_layers = sum(cfg.layers.mixers[x].kind == "attention" for x in letters)
+            theta = torch.zeros(self.n_heads)                      # sigmoid(0) = 0.5
+            if ereg.learn_threshold:
+                self.ereg_theta = nn.Parameter(theta)
+            else:
+                self.register_buffer("ereg_theta", theta, persistent=False)
+        else:
+            self.ereg_theta = None
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for p in (self.log_tau, self.ereg_theta):
+                if isinstance(p, nn.Parameter):
+                    p.zero_()
+
+    def reset_buffers(self) -> None:
+        """The fixed thresholds (learn_threshold: false) are a non-persistent buffer: set again after
+        a meta-device build (FSDP2), which leaves buffers uninitialised."""
+        if self.ereg_theta is not None and not isinstance(self.ereg_theta, nn.Parameter):
+            with torch.no_grad():
+                self.ereg_theta.zero_()
 
     def new_cache(self) -> KVCache:
         return KVCache()
@@ -88,27 +142,45 @@ class Attention(nn.Module):
         """sdpa_causal: SDPA's own causal path; sdpa_mask: SDPA with a dense (T, T) mask (window, doc_mask)."""
         return "sdpa_mask" if (self.window is not None or self.doc_mask) else "sdpa_causal"
 
-    def forward(self, x: torch.Tensor, ctx: MixerContext, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: MixerContext, cache: KVCache | None = None) -> Any:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k = _rope(q, ctx.cos, ctx.sin), _rope(k, ctx.cos, ctx.sin)
+        if self.log_tau is not None:
+            q = q * torch.exp(-self.log_tau).to(q.dtype)[:, None]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.append(k, v)
         S = k.shape[2]
         doc_ids = ctx.doc_ids if (self.doc_mask and cache is None) else None
-        if S == T and self.window is None and doc_ids is None:
+        mask = None
+        if S == T and self.window is None and doc_ids is None and ctx.pad_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             mask = attention_mask(T, S, self.window, x.device, doc_ids)
+            if ctx.pad_mask is not None:
+                mask = pad_attention_mask(mask, ctx.pad_mask)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        out = self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        regularise = self.ereg_theta is not None and self.training and cache is None
+        if not (regularise or ctx.want_stats):
+            return out
+        # the side path: the probabilities SDPA does not materialise, from the same q and k
+        entropy = row_entropy(attention_probs(q, k, self.scale, mask))          # (B, H, T)
+        aux = Aux({}, {})
+        if ctx.want_stats:
+            aux.stats["attn_entropy"] = entropy.detach().mean(dim=(0, 2))        # per head
+            aux.stats["attn_entropy_max"] = causal_max_entropy(T, S, x.device).mean().to(entropy.dtype)
+        if regularise:
+            pen = entropy_penalty(entropy, torch.sigmoid(self.ereg_theta), self.ereg_margin, S)
+            aux.losses["entropy_reg"] = LossTerm(self.ereg_weight * pen / self.ereg_layers, "mean")
+        return out, aux
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, mixer_cfg: AttentionConfig, seq_len: int) -> float:

@@ -94,8 +94,8 @@ def test_registry_selects_probes_that_apply(model_and_batches):
     chosen, skipped = select(None, model)
     assert [p.name for p in chosen] == list(PROBES) and skipped == {}
     from models.registry import ConfigError
-    with pytest.raises(ConfigError, match="--probes.*unknown probe 'entropy'"):
-        select(["entropy"], model)
+    with pytest.raises(ConfigError, match="--probes.*unknown probe 'nowhere'"):
+        select(["nowhere"], model)
 
 
 def test_probe_command_writes_json_and_plots(probe_run, capsys):
@@ -120,4 +120,4 @@ def test_probe_command_writes_json_and_plots(probe_run, capsys):
 def test_run_probes_default_is_every_probe(probe_run):
     report = run_probes(probe_run, "latest", n_batches=1)
     assert report["step"] == 12 and report["tokens"] == TINY["train"]["micro_batch"] * TINY["data"]["seq_len"]
-    assert {"sparsity", "linearity", "linearity_no_residual"} == set(report["probes"])
+    assert {"sparsity", "linearity", "linearity_no_residual", "entropy", "entropy_max"} == set(report["probes"])

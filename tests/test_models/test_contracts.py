@@ -121,7 +121,9 @@ def test_decoder_adds_same_named_terms_across_layers_and_collects_stats():
         assert len(seen) == 2
         assert out.losses["test_aux"].reduction == "mean"
         torch.testing.assert_close(out.losses["test_aux"].value, seen[0] + seen[1], rtol=1e-15, atol=0)
-        assert set(out.stats) == {"test_rms"} and set(out.stats["test_rms"]) == {0, 2}
+        assert set(out.stats["test_rms"]) == {0, 2}
+        assert set(out.stats) == {"test_rms", "attn_entropy", "attn_entropy_max"}      # attention's probe
+        assert set(out.stats["attn_entropy"]) == {1, 3}
         assert not out.stats["test_rms"][0].requires_grad
         assert m(x, labels=x).stats == {}                        # only when asked
 

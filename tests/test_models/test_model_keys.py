@@ -100,6 +100,11 @@ VALUES: dict[str, Any] = {
         Case({"layers.pattern": ["A", "B"]}, context={"layers.mixers.B": {"kind": "attention", "window": 4}}),
     ],
     "layers.mixers[attention].window": 4,
+    "doc_mask": [Case({"doc_mask": True}),                                   # attention's mask, DeltaNet's resets
+                 Case({"doc_mask": True}, context={"layers.mixers.A": {"kind": "deltanet"}})],
+    "layers.mixers[deltanet].n_heads": 2,        # head dim 16: q/k/v keep their shapes, beta's does not
+    "layers.mixers[deltanet].head_dim": 4,
+    "layers.mixers[deltanet].conv_size": 2,
     "ffn.kind": [
         {"ffn.kind": "mlp", "ffn.activation": "gelu"},
         {"ffn.kind": "fused_linear", "ffn.activation": "identity"},
@@ -126,6 +131,8 @@ VALUES: dict[str, Any] = {
     "param.attn_scale": [Case({"param.attn_scale": "linear"}),
                          Case({"param.attn_scale": "sqrt"}, context={"param.kind": "mup"})],
     "param.output_mult": _with_each_other_param_kind("param.output_mult", 2.0),
+    "entropy_reg.weight": 1.0e-3,        # adds the learnable thresholds
+    "entropy_reg.learn_threshold": Case({"entropy_reg.learn_threshold": False}, context={"entropy_reg.weight": 1.0e-3}),
 }
 
 # Overrides applied to both sides for every key with this prefix (what makes the key act at all).
@@ -153,10 +160,15 @@ REGISTRY_CHOICES: dict[str, Callable[[], list[str]]] = {
 # Keys that are not meant to change a fresh model's parameters or logits.
 ALLOW_LIST: dict[str, str] = {
     "loss_chunk_tokens": "chunking changes memory, not values: checked in test_chunked_loss",
+    "entropy_reg.margin": "the regulariser's tolerance changes the training loss only: checked in test_entropy",
     "memory.value_lr": "the value table's base learning rate: the optimizer, not the model (checked in "
                        "test_memory)",
     "param.eps_scope": "which optimizer groups get CompleteP's epsilon scaling: the optimizer, not the model "
                        "(checked in test_parameterizations)",
+    "layers.mixers[deltanet].chunk_size": "the chunk length of the chunkwise form: the same function (equal to "
+                                          "the recurrence in float64 at 1e-10, test_deltanet), a speed knob",
+    "layers.mixers[deltanet].backend": "which kernel computes the same function (fla's, compared with the "
+                                       "PyTorch path at bf16 tolerances in test_deltanet on CUDA)",
     "max_seq_len": "a length limit, not part of the function: RoPE tables are built to it and grow on demand "
                    "with identical per-position values (models/rope.py); it bounds data.seq_len "
                    "(train/config.py), decoding (train/generate.py) and eval contexts (eval/adapter.py)",
@@ -166,7 +178,6 @@ ALLOW_LIST: dict[str, str] = {
 # once one can (a second parameterization, a memory layer, a second mixer kind), the key is tested.
 UNTIL_TESTABLE: dict[str, str] = {
     "memory.kind": "needs two registered memory layers to compare (one registered: product_key)",
-    MIXER_KIND_KEY: "only one mixer kind is registered",
 }
 
 

@@ -111,7 +111,7 @@ def recall_run(tmp_path_factory, tiny_dict) -> Any:
     run_dir = tmp_path_factory.mktemp("recall") / "run"
     overrides = dict(data__source="test_recall", data__val_sets={"shifted": {"source": "test_recall",
                                                                              "test_recall": {"offset": 4}}},
-                     train__steps=6, train__log_every=2, train__val_every=3, train__progress=True,
+                     train__steps=6, train__log_every=2, train__val_every=3, train__progress=True, train__probe_every=3,
                      eval__every=4, eval__tasks=["ablate_val_ppl"])
     late: list[int] = []
     original = Trainer.train_step
@@ -159,6 +159,13 @@ def test_a_run_without_tokenizer_skips_lm_eval_with_a_reason(recall_run):
     skipped = [e for e in train_rows(recall_run["dir"], "event") if e["event"] == "eval_skipped"]
     assert [e["step"] for e in skipped] == [4, 6, 8] and "no tokenizer" in skipped[0]["reason"]
     assert not (recall_run["dir"] / "tokenizer").exists()
+
+
+def test_entropy_probe_rows_every_probe_every_steps(recall_run):
+    rows = [r for r in train_rows(recall_run["dir"], "probe") if r["probe"] == "entropy"]
+    assert sorted({r["step"] for r in rows}) == [3, 6]
+    assert {(r["layer"], r["head"]) for r in rows if r["step"] == 3} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert all(0 <= r["value"] <= r["max"] + 1e-6 for r in rows)
 
 
 def test_model_event_at_each_segment_start(recall_run):

@@ -1,0 +1,89 @@
+"""The attention entropy probe: each attention head's mean row entropy, per layer, against the
+causal maximum log(t+1) (a uniform row over the t+1 keys a query sees). LN-free models show
+"entropic overload" (early heads near the maximum) and "entropy collapse" (deep heads near 0):
+"ReLU's Revival" and "Entropy-Guided Attention for Private LLMs" (Jha & Reagen, arXiv 2410.09637,
+2501.03489). The entropies come from the attention modules' side path (`want_stats`,
+models/entropy.py), so the fused kernel's output is untouched.
+
+- `attention_entropy(model, batches)`: {layer: (mean entropy per head, mean causal maximum)}
+- `entropy_rows(...)`: long-format `probe` rows (probe `entropy`, layer, head, value, max)
+- `EntropyProbe`: those rows every `train.probe_every` steps, on the first validation batch
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+
+from train.callbacks import Callback, TrainState
+from train.runtime import autocast as default_autocast
+from train.runtime import unwrap
+
+PROBE = "entropy"
+
+
+@torch.no_grad()
+def attention_entropy(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device | str | None = None,
+                      autocast: Callable[[], ContextManager] | None = None) -> dict[int, tuple[list[float], float]]:
+    """{layer: ([mean row entropy of each head], mean log(t+1))} over `batches`, in eval mode (every
+    rank must call it under FSDP). The model's train/eval mode is restored."""
+    decoder = unwrap(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast = autocast or (lambda: default_autocast(device))
+    sums: dict[int, torch.Tensor] = {}
+    maxima: dict[int, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for b in batches:
+            doc_ids = b["doc_ids"].to(device) if decoder.cfg.doc_mask and "doc_ids" in b else None
+            index = b["indices"].to(device) if "indices" in b else None
+            with autocast():
+                out = model(b["input_ids"].to(device), doc_ids=doc_ids, sample_index=index, want_stats=True)
+            for layer, value in out.stats.get("attn_entropy", {}).items():
+                sums[layer] = sums.get(layer, 0) + value.double()
+                maxima[layer] = float(out.stats["attn_entropy_max"][layer])
+    finally:
+        model.train(was_training)
+    n = max(len(batches), 1)
+    return {layer: ((s / n).tolist(), maxima[layer]) for layer, s in sorted(sums.items())}
+
+
+def entropy_rows(model: nn.Module, batches: list[dict[str, torch.Tensor]], step: int,
+                 device: torch.device | str | None = None,
+                 autocast: Callable[[], ContextManager] | None = None) -> list[dict[str, Any]]:
+    """One `probe` row per (attention layer, head): `value` its mean row entropy (nats), `max` the
+    mean causal maximum log(t+1) over the same rows."""
+    return [{"kind": "probe", "step": step, "probe": PROBE, "layer": layer, "head": h, "value": v, "max": m}
+            for layer, (heads, m) in attention_entropy(model, batches, device, autocast).items()
+            for h, v in enumerate(heads)]
+
+
+def entropy_series(model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                   device: torch.device | str) -> dict[str, list[float | None]]:
+    """`ablate probe --probes entropy`: per layer the mean over heads (None: not attention) and the
+    causal maximum."""
+    found = attention_entropy(model, batches, device)
+    n = unwrap(model).cfg.n_layers
+    mean = [sum(found[i][0]) / len(found[i][0]) if i in found else None for i in range(n)]
+    return {"entropy": mean, "entropy_max": [found[i][1] if i in found else None for i in range(n)]}
+
+
+def has_attention(model: nn.Module) -> str | None:
+    cfg = unwrap(model).cfg
+    kinds = {cfg.layers.mixers[x].kind for x in cfg.layers.letters(cfg.n_layers)}
+    return None if "attention" in kinds else "no attention layer"
+
+
+class EntropyProbe(Callback):
+    """Every `train.probe_every` steps: the entropy rows on the first validation batch."""
+
+    name = "entropy_probe"
+
+    def on_step_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        every = state.cfg.train.probe_every
+        if not every or state.step % every or not state.val_batches:
+            return
+        for row in entropy_rows(state.model, state.val_batches[:1], state.step, state.device, state.backend.autocast):
+            state.log(row)
