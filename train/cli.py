@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from models.registry import ConfigError
 
@@ -164,7 +165,8 @@ def _int_list(flag: str, text: str) -> list[int]:
     return values
 
 
-def _slurm_options(args: argparse.Namespace, cfg) -> "SlurmOptions":
+def _slurm_options(args: argparse.Namespace, cfg) -> Any:
+    """launch's SlurmOptions from the Slurm flags."""
     from launch.slurm import SlurmOptions
     return SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
                         cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
@@ -270,6 +272,14 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     state = ckpt.consolidate(path, out)
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out}: {len(state)} tensors, {n:,} parameters (fp32) from {path}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from train.export import export_run
+    out = export_run(args.run_dir, step=args.step, out=args.out, fmt=args.format, force=args.force)
+    load = "trust_remote_code=True" if args.format == "ablate" else "plain transformers (LlamaForCausalLM)"
+    print(f"wrote {out} ({args.format} format): AutoModelForCausalLM.from_pretrained(DIR) with {load}")
     return 0
 
 
@@ -433,6 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("--step", default="latest")
     cons.add_argument("--out", help="default: RUN_DIR/consolidated/step-XXXXXXXX.pt")
     cons.set_defaults(fn=cmd_consolidate)
+
+    ex = sub.add_parser("export-hf", help="a checkpoint as a Hugging Face folder (docs/export.md)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--step", default="latest")
+    ex.add_argument("--out", help="default: RUN_DIR/hf/step-XXXXXXXX (with -llama for --format llama)")
+    ex.add_argument("--format", choices=("ablate", "llama"), default="ablate",
+                    help="ablate: AutoModelForCausalLM with trust_remote_code, every architecture; "
+                         "llama: a plain LlamaForCausalLM checkpoint, Llama architectures only")
+    ex.add_argument("--force", action="store_true", help="replace an --out folder that is not an export")
+    ex.set_defaults(fn=cmd_export_hf)
 
     cc = sub.add_parser("coordcheck", help="activation scales across widths and depths (muP coordinate check)")
     _add_config(cc)
