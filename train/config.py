@@ -29,7 +29,7 @@ class DataConfig:
     """`data`: where tokens come from. `source` names a registered source (train/data/source.py);
     a source's own keys are the section `data.<source name>` (e.g. `data.hf`)."""
 
-    source: str = "embedded"               # a registered source: embedded | files | hf | pretokenized | mixture
+    source: str = "embedded"               # a registered source: embedded | files | hf | pretokenized | mixture | mqar
     paths: list[str] = field(default_factory=list)   # files / pretokenized / hf data files: files, folders, globs
     text_field: str = "text"               # the jsonl / json / parquet / hf column holding the text
     mixture: list[dict[str, Any]] = field(default_factory=list)   # mixture: [{weight, <a data section>}, ...]

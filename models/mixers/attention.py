@@ -38,16 +38,27 @@ class AttentionConfig:
 
 
 class KVCache:
-    """Keys and values seen so far, (B, H_kv, S, Dh) each."""
+    """Keys and values seen so far, (B, H_kv, S, Dh) each.
 
-    def __init__(self) -> None:
+    With a sliding window it is a rolling cache: after each step only the last `window` entries
+    are kept (a query sees itself and the window-1 keys before it), so decoding memory is bounded
+    by the window, not by the sequence. The keys kept are contiguous and end at the newest token,
+    so the relative window mask of `attention_mask` still applies."""
+
+    def __init__(self, window: int | None = None) -> None:
+        self.window = window
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+        """The keys and values this step attends to (the cached ones, then the new)."""
+        k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        if self.window is not None and k.shape[2] > self.window:       # a copy: no view of the full step
+            self.k, self.v = k[:, :, -self.window:].clone(), v[:, :, -self.window:].clone()
+        else:
+            self.k, self.v = k, v
+        return k, v
 
 
 def attention_mask(q_len: int, k_len: int, window: int | None, device: torch.device,
@@ -78,6 +89,54 @@ def pad_attention_mask(mask: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tens
     return mask & keep
 
 
+def _flex_mask_mod(window: int | None, doc_ids: torch.Tensor | None):
+    """flex_attention's mask_mod: causal, within the window, within the document."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = kv_idx <= q_idx
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        if doc_ids is not None:
+            keep = keep & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return keep
+    return mask_mod
+
+
+# The last block mask per (T, window, device, documents): every layer of one forward shares it
+# (with doc_ids, while they are the same tensor), so a mask is built once per batch, not per layer.
+_BLOCK_MASKS: dict[tuple, tuple[torch.Tensor | None, Any]] = {}
+_COMPILED_FLEX: list = []
+
+
+def flex_block_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device: torch.device) -> Any:
+    """create_block_mask for the sliding window / documents: compiled on CUDA (so its (T, T)
+    evaluation never materialises), eager elsewhere."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (T, window, str(device), doc_ids is not None)
+    hit = _BLOCK_MASKS.get(key)
+    if hit is not None and hit[0] is doc_ids:
+        return hit[1]
+    B = doc_ids.shape[0] if doc_ids is not None else None
+    mask = create_block_mask(_flex_mask_mod(window, doc_ids), B, None, T, T, device=device,
+                             _compile=device.type == "cuda")
+    _BLOCK_MASKS[key] = (doc_ids, mask)
+    return mask
+
+
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float | None,
+         gqa: bool) -> torch.Tensor:
+    """flex_attention (q, k, v: (B, H, T, Dh)): torch.compile'd on CUDA (its fused kernel; eager
+    flex is a reference that materialises the scores), eager on CPU (the fp64 tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention
+    if q.is_cuda:
+        if not _COMPILED_FLEX:
+            _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+        fn = _COMPILED_FLEX[0]
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope with shared (T, Dh) tables, or per-row (B, T, Dh) ones (a pad_mask's positions)."""
     if cos.dim() == 2:
@@ -97,6 +156,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.window = mixer_cfg.window
         self.doc_mask = cfg.doc_mask
+        # flex_attention for the window / documents: None = on CUDA (the dense mask stays the CPU
+        # default); True forces eager flex on CPU (tests compare it with the dense path in fp64)
+        self.use_flex: bool | None = None
         d, dh = cfg.d_model, cfg.head_dim
         self.wq = tag_linear(nn.Linear(d, self.n_heads * dh, bias=mixer_cfg.qk_bias))
         self.wk = tag_linear(nn.Linear(d, self.n_kv_heads * dh, bias=mixer_cfg.qk_bias))
@@ -135,11 +197,19 @@ class Attention(nn.Module):
                 self.ereg_theta.zero_()
 
     def new_cache(self) -> KVCache:
-        return KVCache()
+        return KVCache(self.window)          # rolling (window entries) for a sliding window
+
+    def _flex_on(self, device: torch.device) -> bool:
+        masked = self.window is not None or self.doc_mask
+        return masked and (self.use_flex if self.use_flex is not None else device.type == "cuda")
 
     @property
     def kernel(self) -> str:
-        """sdpa_causal: SDPA's own causal path; sdpa_mask: SDPA with a dense (T, T) mask (window, doc_mask)."""
+        """sdpa_causal: SDPA's own causal path; flex: flex_attention with a block mask (window,
+        doc_mask on CUDA); sdpa_mask: SDPA with a dense (T, T) mask (window, doc_mask elsewhere).
+        Decoding and left-padded batches take the dense mask whatever this says."""
+        if self._flex_on(self.wq.weight.device):
+            return "flex"
         return "sdpa_mask" if (self.window is not None or self.doc_mask) else "sdpa_causal"
 
     def forward(self, x: torch.Tensor, ctx: MixerContext, cache: KVCache | None = None) -> Any:
@@ -158,13 +228,17 @@ class Attention(nn.Module):
         S = k.shape[2]
         doc_ids = ctx.doc_ids if (self.doc_mask and cache is None) else None
         mask = None
+        side_path = (self.ereg_theta is not None and self.training and cache is None) or ctx.want_stats
         if S == T and self.window is None and doc_ids is None and ctx.pad_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
+        elif S == T and ctx.pad_mask is None and not side_path and self._flex_on(x.device):
+            block_mask = flex_block_mask(T, self.window, doc_ids, x.device)
+            y = flex(q, k, v, block_mask, self.scale, self.n_kv_heads != self.n_heads)
         else:
             mask = attention_mask(T, S, self.window, x.device, doc_ids)
-            if ctx.pad_mask is not None:
-                mask = pad_attention_mask(mask, ctx.pad_mask)
+            if ctx.pad_mask is not None:        # a rolling cache holds the last S keys only
+                mask = pad_attention_mask(mask, ctx.pad_mask[:, -S:])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         out = self.wo(y.transpose(1, 2).reshape(B, T, -1))

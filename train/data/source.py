@@ -100,7 +100,7 @@ class SourceProtocol(Protocol):
 SOURCES = Registry("data source", SourceProtocol)
 
 # The modules that register the built-in sources (one source family per file).
-BUILTIN_MODULES = ("train.data.text", "train.data.pretokenized")
+BUILTIN_MODULES = ("train.data.text", "train.data.pretokenized", "train.data.mqar")
 _loaded = False
 
 
