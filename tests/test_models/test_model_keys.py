@@ -105,6 +105,13 @@ VALUES: dict[str, Any] = {
     "layers.mixers[deltanet].n_heads": 2,        # head dim 16: q/k/v keep their shapes, beta's does not
     "layers.mixers[deltanet].head_dim": 4,
     "layers.mixers[deltanet].conv_size": 2,
+    **{f"layers.mixers[{kind}].{key}": value for kind in ("ttt_linear", "ttt_mlp") for key, value in (
+        ("n_heads", 2), ("mini_batch_size", 4), ("base_lr", 0.5),      # T = 12: b = 4 makes 3 mini-batches
+        ("base_lr_warmup_start", Case({"layers.mixers.A.base_lr_warmup_start": 0.5},    # step 9 of a 100-step ramp
+                                      context={"layers.mixers.A.base_lr_warmup_steps": 100})),
+        ("conv_size", Case({"layers.mixers.A.conv_size": 2}, context={"layers.mixers.A.pre_conv": True})))},
+    "layers.mixers[ttt_linear].base_lr_warmup_steps": 100,     # at step 9: base_lr 0.1 instead of 1
+    "layers.mixers[ttt_mlp].base_lr_warmup_steps": 0,          # no ramp: base_lr 0.1 instead of 0.0117 at step 9
     "ffn.kind": [
         {"ffn.kind": "mlp", "ffn.activation": "gelu"},
         {"ffn.kind": "fused_linear", "ffn.activation": "identity"},
@@ -167,6 +174,8 @@ ALLOW_LIST: dict[str, str] = {
                        "(checked in test_parameterizations)",
     "layers.mixers[deltanet].chunk_size": "the chunk length of the chunkwise form: the same function (equal to "
                                           "the recurrence in float64 at 1e-10, test_deltanet), a speed knob",
+    **{f"layers.mixers[{kind}].scan_checkpoint_group": "checkpointing the scan changes memory, not values "
+       "(same loss and gradients, test_ttt)" for kind in ("ttt_linear", "ttt_mlp")},
     "layers.mixers[deltanet].backend": "which kernel computes the same function (fla's, compared with the "
                                        "PyTorch path at bf16 tolerances in test_deltanet on CUDA)",
     "max_seq_len": "a length limit, not part of the function: RoPE tables are built to it and grow on demand "
