@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from train.callbacks import Callback, TrainState
-from train.runtime import autocast as default_autocast
+from eval.probes.forward import probe_device, probe_forwards
 from train.runtime import unwrap
 
 PROBE = "entropy"
@@ -28,24 +28,12 @@ def attention_entropy(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
                       autocast: Callable[[], ContextManager] | None = None) -> dict[int, tuple[list[float], float]]:
     """{layer: ([mean row entropy of each head], mean log(t+1))} over `batches`, in eval mode (every
     rank must call it under FSDP). The model's train/eval mode is restored."""
-    decoder = unwrap(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    autocast = autocast or (lambda: default_autocast(device))
     sums: dict[int, torch.Tensor] = {}
     maxima: dict[int, float] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for b in batches:
-            doc_ids = b["doc_ids"].to(device) if decoder.cfg.doc_mask and "doc_ids" in b else None
-            index = b["indices"].to(device) if "indices" in b else None
-            with autocast():
-                out = model(b["input_ids"].to(device), doc_ids=doc_ids, sample_index=index, want_stats=True)
-            for layer, value in out.stats.get("attn_entropy", {}).items():
-                sums[layer] = sums.get(layer, 0) + value.double()
-                maxima[layer] = float(out.stats["attn_entropy_max"][layer])
-    finally:
-        model.train(was_training)
+    for out in probe_forwards(model, batches, probe_device(model, device), autocast, want_stats=True):
+        for layer, value in out.stats.get("attn_entropy", {}).items():
+            sums[layer] = sums.get(layer, 0) + value.double()
+            maxima[layer] = float(out.stats["attn_entropy_max"][layer])
     n = max(len(batches), 1)
     return {layer: ((s / n).tolist(), maxima[layer]) for layer, s in sorted(sums.items())}
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
-from train.runtime import autocast as default_autocast
+from eval.probes.forward import probe_device, probe_forwards
 from train.runtime import unwrap
 
 SERIES = ("linearity", "linearity_no_residual")
@@ -88,10 +88,7 @@ def layer_linearity(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     output - input, on its input), over the tokens of `batches` in eval mode. The model's
     train/eval mode is restored afterwards."""
     decoder = unwrap(model)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    autocast = autocast or (lambda: default_autocast(device))
+    device = probe_device(model, device)
     moments = [_Moments(decoder.cfg.d_model, device) for _ in decoder.blocks]
 
     def hook(i: int):
@@ -101,18 +98,11 @@ def layer_linearity(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         return fn
 
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(decoder.blocks)]
-    was_training = model.training
-    model.eval()
     try:
-        for b in batches:
-            x = b["input_ids"].to(device)
-            doc_ids = b["doc_ids"].to(device) if decoder.cfg.doc_mask and "doc_ids" in b else None
-            index = b["indices"].to(device) if "indices" in b else None
-            with autocast():
-                model(x, doc_ids=doc_ids, sample_index=index)
+        for _ in probe_forwards(model, batches, device, autocast):
+            pass
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     scores = [m.scores() for m in moments]
     return {SERIES[0]: [s[0] for s in scores], SERIES[1]: [s[1] for s in scores]}

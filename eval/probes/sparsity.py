@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from train.callbacks import Callback, TrainState
-from train.runtime import autocast as default_autocast
+from eval.probes.forward import probe_device, probe_forwards
 from train.runtime import unwrap
 
 
@@ -40,11 +40,7 @@ def ffn_sparsity(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     the precision context (default: bf16 on CUDA). Under FSDP every rank must call this with
     the same batches. The model's train/eval mode is restored afterwards.
     """
-    decoder = unwrap(model)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    autocast = autocast or (lambda: default_autocast(device))
+    device = probe_device(model, device)
     acts = ffn_activations(model)
     zeros = [torch.zeros((), dtype=torch.int64, device=device) for _ in acts]
     counts = [0 for _ in acts]
@@ -56,19 +52,12 @@ def ffn_sparsity(model: nn.Module, batches: list[dict[str, torch.Tensor]],
         return fn
 
     handles = [a.register_forward_hook(hook(i)) for i, a in enumerate(acts) if a is not None]
-    was_training = model.training
-    model.eval()
     try:
-        for b in batches:
-            x = b["input_ids"].to(device)
-            doc_ids = b["doc_ids"].to(device) if decoder.cfg.doc_mask and "doc_ids" in b else None
-            index = b["indices"].to(device) if "indices" in b else None
-            with autocast():
-                model(x, doc_ids=doc_ids, sample_index=index)
+        for _ in probe_forwards(model, batches, device, autocast):
+            pass
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return [float(z) / c if (a is not None and c) else None for a, z, c in zip(acts, zeros, counts)]
 
 
