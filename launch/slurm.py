@@ -166,6 +166,12 @@ def write_script(run: RunDir, text: str, stem: str = "job") -> Path:
     return path
 
 
+def run_script(cfg: Any, opts: SlurmOptions, run: RunDir) -> Path:
+    """RUN_DIR/slurm/job.sbatch: the job script of one run, its log RUN_DIR/slurm/<job id>.out."""
+    log = str((run.path / "slurm" / "%j.out").resolve())
+    return write_script(run, render(cfg, opts, [run.path], f"ablate-{cfg.name}", log))
+
+
 # ----------------------------------------------------------------------------- submission
 def sbatch(script: Path, *extra: str) -> str:
     """Submit; returns the job id. sbatch's own message on failure (ConfigError: exit 2)."""
@@ -197,8 +203,7 @@ def launch_slurm(cfg: Any, run_dir: Path, opts: SlurmOptions, dry_run: bool = Fa
     try:
         prepare_run(cfg, run_dir)
         run = RunDir(run_dir)
-        log = str((run.path / "slurm" / "%j.out").resolve())
-        script = write_script(run, render(cfg, opts, [run.path], f"ablate-{cfg.name}", log))
+        script = run_script(cfg, opts, run)
         if dry_run:
             return script, None
         job = sbatch(script)
@@ -270,9 +275,9 @@ def launch_sweep(path: str | Path, opts: SlurmOptions | None, *, local_parallel:
                  runs_root: str | Path | None = None) -> dict[str, Any]:
     """`ablate sweep`: materialise, then one job array (Slurm) or the runs on this host (K at a
     time). Returns {root, todo, done, job, eval_job}."""
-    from launch.sweep import materialise, expand
+    from launch.sweep import expand, materialise
 
-    root, _, runs = expand(path, runs_root)
+    root, manifest, runs = expand(path, runs_root)
     cfg0 = runs[0].cfg
     if opts is not None:
         opts.check(cfg0.device)
@@ -280,7 +285,7 @@ def launch_sweep(path: str | Path, opts: SlurmOptions | None, *, local_parallel:
         raise ConfigError("--max-concurrent", f"must be >= 1, got {max_concurrent}")
     if local_parallel is not None and local_parallel < 1:
         raise ConfigError("--parallel", f"must be >= 1, got {local_parallel}")
-    root, todo, done = materialise(path, runs_root)
+    todo, done = materialise(root, manifest, runs)
     out: dict[str, Any] = {"root": root, "todo": [r.dir for r in todo], "done": [r.dir for r in done],
                            "job": None, "eval_job": None}
     if not todo and not eval_tasks:
@@ -318,11 +323,8 @@ def launch_sweep(path: str | Path, opts: SlurmOptions | None, *, local_parallel:
     nproc = 1
 
     def one(r: Any) -> int:
-        local = SlurmOptions(nodes=1, nproc_per_node=nproc)
         run = RunDir(r.dir)
-        script = write_script(run, render(r.cfg, local, [run.path], f"ablate-{r.cfg.name}",
-                                          str((run.path / "slurm" / "%j.out").resolve())))
-        return run_local(script, run.path)
+        return run_local(run_script(r.cfg, SlurmOptions(nodes=1, nproc_per_node=nproc), run), run.path)
 
     with ThreadPoolExecutor(max_workers=local_parallel or 1) as pool:
         codes = list(pool.map(one, todo))

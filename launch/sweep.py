@@ -120,13 +120,13 @@ def expand(path: str | Path, runs_root: str | Path | None = None) -> tuple[Path,
     return root, manifest, runs
 
 
-def materialise(path: str | Path, runs_root: str | Path | None = None) -> tuple[Path, list[SweepRun], list[SweepRun]]:
-    """Write the manifest and every run dir (config + code snapshot). Returns (sweep dir, runs to
-    train, runs already done). Checks every existing run first, so a refused sweep writes nothing."""
+def materialise(root: Path, manifest: dict[str, Any], runs: list[SweepRun]) -> tuple[list[SweepRun], list[SweepRun]]:
+    """Write the manifest and every run dir (config + code snapshot) of an `expand`ed sweep.
+    Returns (runs to train, runs already done). Checks every existing run first, so a refused
+    sweep writes nothing."""
     from launch.slurm import prepare_run
     from train.trainer import prepare_run_dir
 
-    root, manifest, runs = expand(path, runs_root)
     for r in runs:                           # refuse before writing anything
         run = RunDir(r.dir)
         if run.exists():
@@ -144,7 +144,7 @@ def materialise(path: str | Path, runs_root: str | Path | None = None) -> tuple[
             continue
         prepare_run(r.cfg, r.dir)
         todo.append(r)
-    return root, todo, done
+    return todo, done
 
 
 def sweep_run_dirs(path: str | Path) -> list[Path]:

@@ -165,7 +165,7 @@ def _int_list(flag: str, text: str) -> list[int]:
     return values
 
 
-def _slurm_options(args: argparse.Namespace, cfg) -> Any:
+def _slurm_options(args: argparse.Namespace) -> Any:
     """launch's SlurmOptions from the Slurm flags."""
     from launch.slurm import SlurmOptions
     return SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
@@ -175,12 +175,12 @@ def _slurm_options(args: argparse.Namespace, cfg) -> Any:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from launch.slurm import SlurmOptions, launch_slurm, prepare_run, render, run_local, write_script
+    from launch.slurm import SlurmOptions, launch_slurm, prepare_run, run_local, run_script
     from train.rundir import RunDir
     cfg = _load(args)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
     if args.slurm:
-        script, job = launch_slurm(cfg, run_dir, _slurm_options(args, cfg), dry_run=args.dry_run)
+        script, job = launch_slurm(cfg, run_dir, _slurm_options(args), dry_run=args.dry_run)
         if job is None:
             print(f"rendered {script} (not submitted: --dry-run)")
         else:
@@ -189,11 +189,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 0
     if args.nproc is None or args.nproc < 1:
         raise UsageError("--nproc", "--local needs --nproc N (processes on this host), N >= 1")
-    opts = SlurmOptions(nodes=1, nproc_per_node=args.nproc)
     prepare_run(cfg, run_dir)
     run = RunDir(run_dir)
-    script = write_script(run, render(cfg, opts, [run.path], f"ablate-{cfg.name}",
-                                      str((run.path / "slurm" / "%j.out").resolve())))
+    script = run_script(cfg, SlurmOptions(nodes=1, nproc_per_node=args.nproc), run)
     if args.dry_run:
         print(f"rendered {script} (not run: --dry-run)")
         return 0
@@ -205,10 +203,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from launch.slurm import launch_sweep
-    from launch.sweep import expand
     if args.slurm == args.local:
         raise UsageError("--slurm", "choose one of --slurm or --local")
-    opts = _slurm_options(args, expand(args.sweep)[2][0].cfg) if args.slurm else None
+    opts = _slurm_options(args) if args.slurm else None
     out = launch_sweep(args.sweep, opts, local_parallel=args.parallel, eval_tasks=args.eval,
                        max_concurrent=args.max_concurrent, dry_run=args.dry_run)
     print(f"sweep {out['root']}: {len(out['todo'])} runs to train, {len(out['done'])} already done")

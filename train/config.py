@@ -64,14 +64,13 @@ class DataConfig:
         return source_configs()
 
     def validate(self, path: str) -> None:
-        from train.data.source import registered_sources, source
+        from train.data.source import source
 
         require(self.seq_len >= 2, f"{path}.seq_len", f"must be >= 2, got {self.seq_len}")
         require(0.0 <= self.val_fraction < 1.0, f"{path}.val_fraction",
                 f"must be in [0, 1), got {self.val_fraction}")
         require(self.num_proc >= 1, f"{path}.num_proc", f"must be >= 1, got {self.num_proc}")
-        registered_sources().check(self.source, f"{path}.source")
-        source(self.source, f"{path}.source").check(self, path)
+        source(self.source, f"{path}.source").check(self, path)       # an unknown name fails here
         for i, (_, child) in enumerate(self.mixture_sources(path)):
             key = f"{path}.mixture[{i}]"
             require(source(child.source, f"{key}.source").text, f"{key}.source",

@@ -753,7 +753,6 @@ class MetricLogger:
 
     def __init__(self, cfg: Config, run: RunDir):
         self.cfg, self.run = cfg, run
-        self.t0 = time.perf_counter()
         self.tb = self.wandb = None
         self._opened = False
         if cfg.log.tensorboard:
@@ -776,9 +775,6 @@ class MetricLogger:
             import wandb
             self.wandb = wandb.init(project=self.cfg.log.wandb_project or "ablate", name=self.cfg.name,
                                     dir=str(self.run.path), mode=self.cfg.log.wandb_mode, config=self.cfg.to_dict())
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
 
     def log(self, row: dict[str, Any]) -> None:
         if not self._opened:
