@@ -1,7 +1,10 @@
 """Pre-norm residual block: h += m * mixer(norm(h)); h += m * ffn(norm(h)).
 
 Slot modules return a tensor or (tensor, Aux); the block always returns (h, Aux) with the
-mixer's and the FFN's side outputs merged.
+mixer's and the FFN's side outputs merged. Under `model.norm.removal` the norms are removable
+(models/norm_removal.py) and read the context's position kinds; a mixer that takes a separate
+value input (`takes_value_input`: attention) gets its own copy of the input norm for the v path,
+initialised from the q/k one by `init_from` (the `checkpoint_aliases` below).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.context import Aux, MixerContext, merge_aux, split_output
 from models.ffn import build_ffn
+from models.norm_removal import RemovableNorm
 from models.norms import build_norm
 from models.registry import MEMORIES, MIXERS
 
@@ -21,9 +25,21 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         letter = cfg.layers.letters(cfg.n_layers)[layer_idx]
         mixer_cfg = cfg.layers.mixers[letter]
-        self.mixer_norm = build_norm(cfg.norm.block, cfg.d_model, cfg.norm.eps)
+        self.removable = cfg.norm.removal is not None
+
+        def norm() -> nn.Module:
+            if self.removable:
+                return RemovableNorm(cfg.norm.block, cfg.d_model, cfg.norm.eps)
+            return build_norm(cfg.norm.block, cfg.d_model, cfg.norm.eps)
+
+        self.mixer_norm = norm()
         self.mixer = MIXERS.get(mixer_cfg.kind)(cfg, mixer_cfg, layer_idx)
-        self.ffn_norm = build_norm(cfg.norm.block, cfg.d_model, cfg.norm.eps)
+        self.mixer_norm_v = None
+        if self.removable and getattr(self.mixer, "takes_value_input", False):
+            self.mixer_norm_v = norm()
+            self.checkpoint_aliases = {f"mixer_norm_v.{p}": f"mixer_norm.{p}"
+                                       for p, _ in self.mixer_norm_v.named_parameters()}
+        self.ffn_norm = norm()
         if layer_idx in cfg.memory.layers:
             self.ffn = MEMORIES.get(cfg.memory.kind)(cfg, layer_idx)
         else:
@@ -33,6 +49,13 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: MixerContext, cache=None) -> tuple[torch.Tensor, Aux]:
         m = self.residual_multiplier
+        if self.removable:
+            kinds = ctx.norm_kinds
+            extra = {} if self.mixer_norm_v is None else {"value_input": self.mixer_norm_v(h, kinds)}
+            a, mixer_aux = split_output(self.mixer(self.mixer_norm(h, kinds), ctx, cache, **extra))
+            h = h + (a if m == 1.0 else m * a)
+            f, ffn_aux = split_output(self.ffn(self.ffn_norm(h, kinds), ctx))
+            return h + (f if m == 1.0 else m * f), merge_aux(mixer_aux, ffn_aux)
         a, mixer_aux = split_output(self.mixer(self.mixer_norm(h), ctx, cache))
         h = h + (a if m == 1.0 else m * a)
         f, ffn_aux = split_output(self.ffn(self.ffn_norm(h), ctx))

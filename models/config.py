@@ -93,15 +93,51 @@ class FFNConfig:
 
 
 @dataclass
+class RemovalConfig:
+    """`model.norm.removal`: LayerNorm removal by fine-tuning (Heimersheim, "You can remove GPT2's
+    LayerNorm by fine-tuning", arXiv 2409.13710; models/norm_removal.py). Each norm turns, on a step
+    schedule, into a fixed linear map that divides by the std it measured on the last batch; at the
+    end `ablate checkpoint fold-norms` folds the maps into the adjacent weights. Steps are 0-based:
+    a norm switched at step s is fake from step s on, from the stds of step s - 1."""
+
+    start_step: int = 20           # layer 0's FFN-input norm switches at this step, the other layers after it
+    gap_ffn: int = 2               # steps between consecutive layers' FFN-input norms
+    gap_qk: int = 2                # then the attention-input norms of the q/k path, this many steps apart
+    gap_v: int = 3                 # then the v path's copies (attention only), this many steps apart
+    final_after: int = 2           # the final norm switches this many steps after the last v-path norm
+    eot_after: int = 2             # EOT positions give up their own std this many steps after the final norm
+    bos_after: int = 10            # position 0 gives up its own std this many steps after EOT: every norm is
+                                   # then one fixed scale, ready to fold
+    aux_loss_weight: float = 0.0   # weight of the `ln_aux` term: MSE of each position's residual std before the
+                                   # final norm against its mean over ordinary positions (0: off)
+    eot_token: int | None = None   # the end-of-text id; null: the tokenizer's EOS (no tokenizer: no EOT case)
+
+    def validate(self, path: str) -> None:
+        require(self.start_step >= 1, f"{path}.start_step", f"must be >= 1 (a norm switches with the stds of "
+                                                           f"the step before), got {self.start_step}")
+        for key in ("gap_ffn", "gap_qk", "gap_v", "final_after", "eot_after", "bos_after"):
+            require(getattr(self, key) >= 0, f"{path}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        require(self.aux_loss_weight >= 0, f"{path}.aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")
+        if self.eot_token is not None:
+            require(self.eot_token >= 0, f"{path}.eot_token", f"must be >= 0 or null, got {self.eot_token}")
+
+
+@dataclass
 class NormConfig:
-    block: str = "rmsnorm"         # the pre-norm before each mixer and FFN: rmsnorm | layernorm | none
+    block: str = "rmsnorm"         # the pre-norm before each mixer and FFN: rmsnorm | layernorm | dyt | none
     final: str = "rmsnorm"         # the norm before the LM head
     eps: float = 1.0e-6            # epsilon of every norm (QK-norm included)
+    removal: RemovalConfig | None = None   # LayerNorm removal by fine-tuning (null: off; {}: the defaults)
 
     def validate(self, path: str) -> None:
         NORMS.check(self.block, f"{path}.block")
         NORMS.check(self.final, f"{path}.final")
         require(self.eps > 0, f"{path}.eps", f"must be > 0, got {self.eps}")
+        if self.removal is not None:
+            removable = ("rmsnorm", "layernorm")
+            for key in ("block", "final"):
+                require(getattr(self, key) in removable, f"{path}.removal",
+                        f"removes rmsnorm or layernorm norms; {path}.{key} is {getattr(self, key)}")
 
 
 @dataclass

@@ -98,6 +98,8 @@ class MixerContext:
     pad_mask: torch.Tensor | None = None        # (B, S) True at real tokens over the cached and new positions
                                                 # (left padding: the Hugging Face export); mixers that honour it
                                                 # set `takes_pad_mask = True`
+    norm_kinds: torch.Tensor | None = None      # (B, T) position kinds for removable norms (models/norm_removal.py):
+                                                # 0 ordinary, 1 EOT token, 2 first token; None without model.norm.removal
 
 
 @dataclass

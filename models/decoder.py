@@ -18,8 +18,9 @@ from torch import nn
 
 from models.block import Block
 from models.config import ModelConfig
-from models.context import LossTerm, MixerContext, ModelOutput, add_losses
+from models.context import LossTerm, MixerContext, ModelOutput, add_losses, split_output
 from models.loss import head_loss
+from models.norm_removal import RemovableNorm, position_kinds
 from models.norms import build_norm
 from models.parallel_plan import ParallelPlan, collect_hints
 from models.parameterization import build_parameterization
@@ -58,8 +59,10 @@ class Decoder(nn.Module):
             if table is not None:
                 self.shared["memory"] = table
         # the final norm has its own tags: parameterizations treat it unlike the block norms
-        self.final_norm = retag(build_norm(cfg.norm.final, cfg.d_model, cfg.norm.eps),
-                                {NORM_GAIN.name: FINAL_NORM_GAIN, NORM_BIAS.name: FINAL_NORM_BIAS})
+        removal = cfg.norm.removal
+        final = (RemovableNorm(cfg.norm.final, cfg.d_model, cfg.norm.eps, removal.aux_loss_weight)
+                 if removal is not None else build_norm(cfg.norm.final, cfg.d_model, cfg.norm.eps))
+        self.final_norm = retag(final, {NORM_GAIN.name: FINAL_NORM_GAIN, NORM_BIAS.name: FINAL_NORM_BIAS})
         self.head = None
         if not cfg.tie_embeddings:
             self.head = tag_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False), weight=OUTPUT_HEAD)
@@ -99,6 +102,15 @@ class Decoder(nn.Module):
             for new, old in getattr(module, "checkpoint_aliases", {}).items():
                 prefix = f"{plain_name(name)}." if name else ""
                 out[prefix + new] = prefix + old
+        return out
+
+    def init_from_fresh(self) -> list[str]:
+        """State names `init_from` may leave at their initial values although the checkpoint lacks
+        them: modules' `fresh_state` buffers (a removable norm's switch state, models/norm_removal.py)."""
+        out = []
+        for name, module in self.named_modules():
+            for buf in getattr(module, "fresh_state", ()):
+                out.append(f"{plain_name(name)}.{buf}" if name else buf)
         return out
 
     def layer_summary(self) -> list[dict[str, Any]]:
@@ -148,15 +160,24 @@ class Decoder(nn.Module):
                 raise ValueError(f"pad_mask: mixer(s) {', '.join(refused)} cannot take a padding mask")
             pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)[:, -T:]
             cos, sin = (t[pos].to(rope_dtype) for t in self.rope(0, start + T, input_ids.device))
+        kinds = None
+        if self.cfg.norm.removal is not None:
+            kinds = position_kinds(input_ids, start, pad_mask, self.cfg.norm.removal.eot_token)
         ctx = MixerContext(start=start, cos=cos, sin=sin, doc_ids=doc_ids, sample_index=sample_index,
-                           token_ids=input_ids, want_stats=want_stats, shared=self.shared, pad_mask=pad_mask)
+                           token_ids=input_ids, want_stats=want_stats, shared=self.shared, pad_mask=pad_mask,
+                           norm_kinds=kinds)
         out = ModelOutput(cache=cache)
         for i, block in enumerate(self.blocks):
             h, aux = block(h, ctx, cache.layers[i] if cache is not None else None)
             add_losses(out.losses, aux.losses)
             for name, value in aux.stats.items():
                 out.stats.setdefault(name, {})[i] = value.detach()
-        h = self.final_norm(h)
+        if kinds is not None:          # a removable final norm may return the ln_aux term
+            h, final_aux = split_output(self.final_norm(h, kinds))
+            if final_aux is not None:
+                add_losses(out.losses, final_aux.losses)
+        else:
+            h = self.final_norm(h)
         if self.param.output_multiplier != 1.0:
             h = h * self.param.output_multiplier
         if labels is not None:

@@ -64,6 +64,7 @@ class ScaledOutput(nn.Module):
 
 @FFNS.register("mlp")
 class MLP(ScaledOutput):
+    norm_inputs = {"all": ("w1",)}     # what reads the FFN-input norm (models/norm_fold.py)
     relu_finetune_activations = frozenset({"silu", "stochastic"})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -98,6 +99,7 @@ class MLP(ScaledOutput):
 
 @FFNS.register("glu")
 class GLU(ScaledOutput):
+    norm_inputs = {"all": ("w_in",)}   # what reads the FFN-input norm (models/norm_fold.py)
     relu_finetune_activations = frozenset({"swiglu", "stochastic"})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -130,6 +132,7 @@ class GLU(ScaledOutput):
 
 @FFNS.register("fused_linear")
 class FusedLinearFFN(ScaledOutput):
+    norm_inputs = {"all": ("w",)}      # what reads the FFN-input norm (models/norm_fold.py)
     """FuFFN: y = W x, W = W2 W1 of an activation-free MLP, stored as one d x d matrix."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):

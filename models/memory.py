@@ -100,6 +100,7 @@ def _v_dim(cfg: ModelConfig) -> int:
 @MEMORIES.register("product_key")
 class ProductKeyMemory(nn.Module):
     param_tags = {"keys": MEMORY_KEY.name}
+    norm_inputs = {"all": ("wq", "w_s", "gate")}   # what reads the FFN-input norm (models/norm_fold.py)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()

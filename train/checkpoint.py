@@ -361,8 +361,9 @@ def init_from_checkpoint(path: Path, model: nn.Module, allow_new: list[str] | tu
     """`init_from`: load a checkpoint's weights into `model` (plain or FSDP2-sharded: a DCP load
     of each rank's shards), across architecture changes.
 
-    Every model key takes the checkpoint entry of the same name, or of its alias (`aliases`:
-    model key -> checkpoint key, e.g. a duplicated norm copying the gain it was split from).
+    Every model key takes the checkpoint entry of the same name, or, when the checkpoint has none,
+    of its alias (`aliases`: model key -> checkpoint key, e.g. a duplicated norm copying the gain
+    it was split from).
     Model keys matching an `allow_new` glob may be absent (they keep their fresh init);
     checkpoint keys matching an `allow_unused` glob may go unused (a removed module). Anything
     else missing or unused, and any shape mismatch, is a ConfigError listing every culprit,
@@ -376,7 +377,7 @@ def init_from_checkpoint(path: Path, model: nn.Module, allow_new: list[str] | tu
     sources: dict[str, str] = {}
     new, missing, mismatched = [], [], []
     for key, t in mine.items():
-        src = aliases.get(key, key)
+        src = key if key in theirs else aliases.get(key, key)
         if src in theirs:
             if tuple(t.shape) != theirs[src]:
                 mismatched.append(f"{key}: {tuple(t.shape)} in the model, {theirs[src]} in the checkpoint"

@@ -272,6 +272,13 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fold_norms(args: argparse.Namespace) -> int:
+    from train.fold import fold_run
+    out, err = fold_run(args.run_dir, step=args.step, out=args.out, force=args.force)
+    print(f"wrote {out}: no norm modules, untied head; logits within {err:.2e} of {args.run_dir}")
+    return 0
+
+
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from train.export import export_run
     out = export_run(args.run_dir, step=args.step, out=args.out, fmt=args.format, force=args.force)
@@ -440,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("--step", default="latest")
     cons.add_argument("--out", help="default: RUN_DIR/consolidated/step-XXXXXXXX.pt")
     cons.set_defaults(fn=cmd_consolidate)
+    fold = cksub.add_parser("fold-norms", help="fold a finished LayerNorm-removal run's frozen norms into the "
+                                               "weights: a run dir with no norm modules and the same logits")
+    fold.add_argument("run_dir")
+    fold.add_argument("--step", default="latest")
+    fold.add_argument("--out", help="default: RUN_DIR-folded (beside the run)")
+    fold.add_argument("--force", action="store_true", help="replace an existing --out")
+    fold.set_defaults(fn=cmd_fold_norms)
 
     ex = sub.add_parser("export-hf", help="a checkpoint as a Hugging Face folder (docs/export.md)")
     ex.add_argument("run_dir")

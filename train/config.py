@@ -329,6 +329,13 @@ class Config:
                 "not available with parallel.backend=deepspeed (DeepSpeed writes its own checkpoints)")
         require(not (self.train.log_group_norms and self.parallel.backend == "deepspeed"), "train.log_group_norms",
                 "not available with parallel.backend=deepspeed (ZeRO owns the flattened gradients)")
+        removal = self.model.norm.removal
+        if removal is not None:
+            from models.norm_removal import removal_schedule
+            last = removal_schedule(removal, self.model.n_layers)[-1].step
+            require(last <= self.train.steps, "model.norm.removal",
+                    f"the schedule's last switch (position 0, bos_after) is at step {last}, beyond train.steps="
+                    f"{self.train.steps}: raise train.steps or shorten start_step / the gaps")
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.model.vocab_size is not None and self.tokenizer.kind == "bpe" and self.source_vocab() is None:
@@ -366,13 +373,14 @@ RESUMABLE_PREFIXES = ("train.steps", "optim.schedule.decay_frac", "optim.schedul
 RECORD_KEYS = ("code_version", "derived")
 
 
-def resolve_config(cfg: Config, tokenizer_vocab: int | None = None) -> dict[str, str]:
+def resolve_config(cfg: Config, tokenizer_vocab: int | None = None, eos_id: int | None = None) -> dict[str, str]:
     """Set the values derived after validation, in one place; returns {key: where it came from}
     for the `derived:` record in config.yaml. Keys already set explicitly are left alone.
 
     - model.vocab_size: null -> the tokenizer's vocabulary rounded up to 64 ("tokenizer")
     - model.ffn.stochastic.seed: null -> the run's top-level seed ("seed"), when the FFN uses
       stochastic activations (their masks then follow the run's seed)
+    - model.norm.removal.eot_token: null -> the data's EOS id ("tokenizer"), when it has one
     """
     derived: dict[str, str] = {}
     if cfg.model.vocab_size is None:
@@ -382,6 +390,10 @@ def resolve_config(cfg: Config, tokenizer_vocab: int | None = None) -> dict[str,
     if ffn.activation == "stochastic" and ffn.stochastic.seed is None:
         ffn.stochastic.seed = cfg.seed
         derived["model.ffn.stochastic.seed"] = "seed"
+    removal = cfg.model.norm.removal
+    if removal is not None and removal.eot_token is None and eos_id is not None:
+        removal.eot_token = eos_id
+        derived["model.norm.removal.eot_token"] = "tokenizer"
     return derived
 
 

@@ -287,7 +287,8 @@ class Trainer:
         self.init_report = None
         if init_from:                  # into the built (FSDP2: sharded) model, before any engine wraps it
             self.init_report = ckpt.init_from_checkpoint(
-                _checkpoint_dir(init_from, "init_from"), model, cfg.init_from_allow_new, cfg.init_from_allow_unused,
+                _checkpoint_dir(init_from, "init_from"), model,
+                [*cfg.init_from_allow_new, *unwrap(model).init_from_fresh()], cfg.init_from_allow_unused,
                 unwrap(model).init_from_aliases())
         self.model = self.backend.setup(model, optimizer, self.accum)
         self.optimizer = optimizer
@@ -306,7 +307,8 @@ class Trainer:
         bars = cfg.train.progress and main and interactive()             # no tokenizer bars in a log file
         self.data = data_mod.prepare_data(cfg, progress=bars)
         self.val_data = data_mod.prepare_val_sets(cfg, self.data, progress=bars)
-        self.derived = {**((saved or {}).get("derived") or {}), **resolve_config(cfg, self.data.vocab_size)}
+        self.derived = {**((saved or {}).get("derived") or {}),
+                        **resolve_config(cfg, self.data.vocab_size, self.data.eos_id)}
         if cfg.model.vocab_size < self.data.vocab_size:
             raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the data's "
                                                   f"vocabulary ({self.data.vocab_size})")

@@ -150,6 +150,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class Attention(nn.Module):
     param_tags = {"log_tau": "scalar", "ereg_theta": "scalar"}
     takes_pad_mask = True          # honours MixerContext.pad_mask (left-padded batches)
+    takes_value_input = True       # forward(value_input=...): v from its own input (LayerNorm removal's v path)
+    # the projections that read the input norm's output, by path (models/norm_fold.py)
+    norm_inputs = {"all": ("wq", "wk", "wv"), "qk": ("wq", "wk"), "v": ("wv",)}
 
     def __init__(self, cfg: ModelConfig, mixer_cfg: AttentionConfig, layer_idx: int):
         super().__init__()
@@ -212,11 +215,13 @@ class Attention(nn.Module):
             return "flex"
         return "sdpa_mask" if (self.window is not None or self.doc_mask) else "sdpa_causal"
 
-    def forward(self, x: torch.Tensor, ctx: MixerContext, cache: KVCache | None = None) -> Any:
+    def forward(self, x: torch.Tensor, ctx: MixerContext, cache: KVCache | None = None,
+                value_input: torch.Tensor | None = None) -> Any:
+        """value_input: the values' own input (the v-path norm of LayerNorm removal); None: x."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x if value_input is None else value_input).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, ctx.cos, ctx.sin), _rope(k, ctx.cos, ctx.sin)

@@ -138,6 +138,7 @@ class DeltaNetCache:
 @MIXERS.register("deltanet", config=DeltaNetConfig)
 class DeltaNet(nn.Module):
     param_tags: dict[str, str] = {}
+    norm_inputs = {"all": ("wq", "wk", "wv", "wb", "wg")}   # what reads the input norm (models/norm_fold.py)
     bench_forms = ("chunk", "recurrent")     # `ablate bench --mixers` times both PyTorch forms
 
     def __init__(self, cfg: ModelConfig, mixer_cfg: DeltaNetConfig, layer_idx: int):

@@ -170,6 +170,9 @@ class TTT(nn.Module):
 
     param_tags: dict[str, str] = {}
     bench_forms = ("dual", "primal")      # `ablate bench --mixers` times both forms
+    # what reads the input norm (models/norm_fold.py): the projections and the inner-LR gate; the
+    # pre-conv is depthwise and bias-free, so a per-channel scale passes through it
+    norm_inputs = {"all": ("wq", "wk", "wv", "wg", ("inner.lr_weight", "inner.lr_bias"))}
     hidden_mult = 0
 
     def __init__(self, cfg: ModelConfig, mixer_cfg: TTTConfig, layer_idx: int):

@@ -118,6 +118,10 @@ def options() -> dict[str, dict]:
         add(f"param={kind}", {"param": param})
         for key, value in variants(ParamConfig):
             add(f"param={kind}.{key}={value}", {"param": {**param, key: value}})
+    for norm in ("rmsnorm", "layernorm"):        # LayerNorm removal mid-schedule: some norms fake, with the
+        # EOT / position-0 stds still apart (the buffers travel in the weights)
+        add(f"norm.removal {norm} mid-schedule", {"norm": {"block": norm, "final": norm, "removal": {"eot_token": 5}}},
+            norm_removal=True)
     if "entropy_reg" in {f.name for f in dataclasses.fields(ModelConfig)}:
         add("entropy_reg fixed threshold", {"entropy_reg": {"weight": 0.1, "learn_threshold": False}})
     return opts
@@ -126,6 +130,12 @@ def options() -> dict[str, dict]:
 def build(option: dict, seed: int):
     import models
     model = models.Decoder(models.model_config({**BASE, **option["model"]}), init_seed=seed).eval()
+    if option["schedule"].get("norm_removal"):
+        from models.norm_removal import BOS, RemovableNorm
+        norms = [m for m in model.modules() if isinstance(m, RemovableNorm)]
+        for i, norm in enumerate(norms[::2]):       # every other norm fake, stds (0.5 + i/4, 2, 3)
+            norm.freeze(torch.tensor([[0.5 + i / 4, 2.0, 3.0], [1.0, 1.0, 1.0]], dtype=torch.float64))
+        norms[0].end_special(BOS)
     for m in model.modules():
         if option["schedule"].get("relu_finetune") and hasattr(m, "relu_finetune"):
             m.relu_finetune = True

@@ -140,6 +140,7 @@ VALUES: dict[str, Any] = {
     "param.output_mult": _with_each_other_param_kind("param.output_mult", 2.0),
     "entropy_reg.weight": 1.0e-3,        # adds the learnable thresholds
     "entropy_reg.learn_threshold": Case({"entropy_reg.learn_threshold": False}, context={"entropy_reg.weight": 1.0e-3}),
+    "norm.removal": Case({"norm.removal": {}}),      # removable norms: their switch buffers, the v-path copy
 }
 
 # Overrides applied to both sides for every key with this prefix (what makes the key act at all).
@@ -178,6 +179,13 @@ ALLOW_LIST: dict[str, str] = {
        "(same loss and gradients, test_ttt)" for kind in ("ttt_linear", "ttt_mlp")},
     "layers.mixers[deltanet].backend": "which kernel computes the same function (fla's, compared with the "
                                        "PyTorch path at bf16 tolerances in test_deltanet on CUDA)",
+    **{f"norm.removal.{key}": "a step of the removal schedule: it changes when norms switch during training, "
+       "not a fresh model (checked in test_norm_removal)"
+       for key in ("start_step", "gap_ffn", "gap_qk", "gap_v", "final_after", "eot_after", "bos_after")},
+    "norm.removal.aux_loss_weight": "weights the `ln_aux` training loss term, not the logits (checked in "
+                                    "test_norm_removal)",
+    "norm.removal.eot_token": "which token takes the EOT std once a norm is fake; a fresh model's norms are all "
+                              "real (checked in test_norm_removal)",
     "max_seq_len": "a length limit, not part of the function: RoPE tables are built to it and grow on demand "
                    "with identical per-position values (models/rope.py); it bounds data.seq_len "
                    "(train/config.py), decoding (train/generate.py) and eval contexts (eval/adapter.py)",
@@ -217,9 +225,23 @@ def _leaves(cls: type, key_prefix: str = "", path_prefix: str = "", context: tup
                                    ctx, skip=("kind",))
         elif dataclasses.is_dataclass(tp):
             out += _leaves(tp, key + ".", path + ".", context)
+        elif (section := _optional_section(tp)) is not None:
+            # an optional section (`norm.removal`): the section itself is a key (null vs on), and its
+            # keys are enumerated with it switched on ({}: its defaults) on both sides
+            out.append(Leaf(key, path, tp, context))
+            out += _leaves(section, key + ".", path + ".", context + ((path, {}),))
         else:
             out.append(Leaf(key, path, tp, context))
     return out
+
+
+def _optional_section(tp: Any) -> type | None:
+    """The dataclass of a `Section | None` annotation, else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]):
+            return members[0]
+    return None
 
 
 LEAVES = _leaves(ModelConfig)

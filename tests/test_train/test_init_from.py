@@ -63,19 +63,28 @@ def test_shape_mismatch_is_always_an_error(finished_run, tmp_path, tiny_dict):
     assert "shape mismatches" in e.value.message and "embed.weight: (384, 64) in the model, (384, 32)" in e.value.message
 
 
-def test_aliases_fill_a_parameter_from_another_entry(finished_run, monkeypatch):
+def test_aliases_fill_a_parameter_the_checkpoint_lacks(finished_run, monkeypatch):
+    """LayerNorm removal's v-path norm copies the attention-input norm's gain; an alias never
+    overrides an entry the checkpoint has under the model's own name."""
     cfg = yaml.safe_load((finished_run / "config.yaml").read_text())["model"]
+    cfg["norm"]["removal"] = {}
     model = models.Decoder(models.model_config(cfg))
-    monkeypatch.setattr(models.Decoder, "init_from_aliases",
-                        lambda self: {"blocks.1.ffn_norm.weight": "blocks.1.mixer_norm.weight"})
+    assert model.init_from_aliases() == {f"blocks.{i}.mixer_norm_v.weight": f"blocks.{i}.mixer_norm.weight"
+                                         for i in (0, 1)}
     path = ckpt.latest_checkpoint(finished_run / "checkpoints")[1]
-    report = ckpt.init_from_checkpoint(path, model, allow_unused=["blocks.1.ffn_norm.weight"],
+    report = ckpt.init_from_checkpoint(path, model, allow_new=model.init_from_fresh(),
                                        aliases=model.init_from_aliases())
     trained = _trained(finished_run)
-    assert torch.equal(model.blocks[1].ffn_norm.weight, trained["blocks.1.mixer_norm.weight"])
-    assert not torch.equal(model.blocks[1].ffn_norm.weight, trained["blocks.1.ffn_norm.weight"])
-    assert torch.equal(model.blocks[1].mixer_norm.weight, trained["blocks.1.mixer_norm.weight"])
-    assert report["unused"] == ["blocks.1.ffn_norm.weight"]
+    for i in (0, 1):
+        assert torch.equal(model.blocks[i].mixer_norm_v.weight, trained[f"blocks.{i}.mixer_norm.weight"])
+        assert torch.equal(model.blocks[i].mixer_norm.weight, trained[f"blocks.{i}.mixer_norm.weight"])
+    assert report["unused"] == [] and sorted(report["new"]) == sorted(model.init_from_fresh())
+
+    plain = models.Decoder(models.model_config(yaml.safe_load((finished_run / "config.yaml").read_text())["model"]))
+    monkeypatch.setattr(models.Decoder, "init_from_aliases",
+                        lambda self: {"blocks.1.ffn_norm.weight": "blocks.1.mixer_norm.weight"})
+    ckpt.init_from_checkpoint(path, plain, aliases=plain.init_from_aliases())
+    assert torch.equal(plain.blocks[1].ffn_norm.weight, trained["blocks.1.ffn_norm.weight"])
 
 
 def test_cli_exits_2_naming_init_from(finished_run, tmp_path, tiny_dict):
