@@ -67,6 +67,31 @@ def test_ddp_matches_single_process(setup):
         assert (path / "rng-rank00001.pt").exists()
 
 
+def test_norm_removal_under_fsdp2_matches_single_process(setup):
+    """LayerNorm removal (train/callbacks/norm_removal.py) on 2 FSDP2 ranks: each rank sees half of
+    every step's batch, and the frozen stds, all-reduced at capture, and the losses equal one
+    process's."""
+    from train.trainer import train
+    removal = {"start_step": 1, "gap_ffn": 1, "gap_qk": 1, "gap_v": 1, "final_after": 1, "eot_after": 1,
+               "bos_after": 1}
+    over = {"init_from": str(setup["reference"]), "model": {**setup["data"]["model"], "norm": {"removal": removal}}}
+    single = setup["root"] / "removal_single"
+    assert train(make_cfg({**setup["data"], **over}), single).status == "done"
+    run = setup["root"] / "removal_fsdp2"
+    code, out = torchrun(setup, run, "parallel.backend=fsdp2", f"init_from={setup['reference']}",
+                         "model.norm.removal={start_step: 1, gap_ffn: 1, gap_qk: 1, gap_v: 1, final_after: 1, "
+                         "eot_after: 1, bos_after: 1}")
+    assert code == 0, out
+
+    def stds(r: Path) -> dict[str, float]:
+        return {e["norm"]: e["std"] for e in train_rows(r, "event") if e["event"] == "norm_switch" and "norm" in e}
+    want, got = stds(single), stds(run)
+    assert len(want) == 7 and set(got) == set(want)
+    for name in want:
+        assert math.isclose(got[name], want[name], rel_tol=1e-6), (name, got[name], want[name])
+    assert_close(losses(run), losses(single))
+
+
 def test_fsdp2_matches_single_process_and_checkpoints_are_sharded(setup, fsdp_run):
     assert_close(losses(fsdp_run), losses(setup["reference"]))
     step10 = fsdp_run / "checkpoints" / "step-00000010"
