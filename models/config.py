@@ -224,6 +224,7 @@ class ModelConfig:
     vocab_size: int | None = None          # null: the tokenizer's size, rounded up to a multiple of 64
     max_seq_len: int = 1024                # longest sequence: data.seq_len must fit; generation stops here
     tie_embeddings: bool = True            # the LM head reuses the token embedding matrix
+    head_bias: bool = False                # a bias on the (untied) LM head; fold-norms puts a LayerNorm final bias there
     init_std: float = 0.02                 # std of normal-initialised weights (the parameterization may rescale it)
     residual_init_scaling: bool = False    # output projections get std / sqrt(2 * n_layers)
     qk_norm: bool = False                  # RMSNorm on each attention head's queries and keys
@@ -262,6 +263,12 @@ class ModelConfig:
         require(self.rope_theta > 0, f"{path}.rope_theta", f"must be > 0, got {self.rope_theta}")
         require(not (self.residual_init_scaling and self.param.kind != "sp"), f"{path}.residual_init_scaling",
                 f"applies to param.kind sp only ({self.param.kind} scales the residual branches itself)")
+        require(not (self.head_bias and self.tie_embeddings), f"{path}.head_bias",
+                "needs an untied head (tie_embeddings: false)")
+        removal = self.norm.removal
+        if removal is not None and removal.eot_token is not None and self.vocab_size is not None:
+            require(removal.eot_token < self.vocab_size, f"{path}.norm.removal.eot_token",
+                    f"{removal.eot_token} is outside the vocabulary (vocab_size={self.vocab_size})")
         require(self.loss_chunk_tokens >= 0, f"{path}.loss_chunk_tokens",
                 f"must be >= 0 (0: no chunking), got {self.loss_chunk_tokens}")
 

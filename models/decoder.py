@@ -27,7 +27,8 @@ from models.parameterization import build_parameterization
 from models.registry import MEMORIES, ConfigError
 from models.rope import RotaryEmbedding
 from models.init import init_parameters, plain_name
-from models.tags import EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, OUTPUT_HEAD, retag, tag_linear
+from models.tags import (EMBEDDING, FINAL_NORM_BIAS, FINAL_NORM_GAIN, NORM_BIAS, NORM_GAIN, OUTPUT_BIAS, OUTPUT_HEAD,
+                         retag, tag_linear)
 
 
 class DecodeCache:
@@ -65,7 +66,8 @@ class Decoder(nn.Module):
         self.final_norm = retag(final, {NORM_GAIN.name: FINAL_NORM_GAIN, NORM_BIAS.name: FINAL_NORM_BIAS})
         self.head = None
         if not cfg.tie_embeddings:
-            self.head = tag_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False), weight=OUTPUT_HEAD)
+            self.head = tag_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias),
+                                   weight=OUTPUT_HEAD, bias=OUTPUT_BIAS)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.init_seed = init_seed
         self.init_weights()
@@ -181,7 +183,11 @@ class Decoder(nn.Module):
         if self.param.output_multiplier != 1.0:
             h = h * self.param.output_multiplier
         if labels is not None:
-            ce, z = head_loss(h, self.head_weight, labels, z_loss=z_loss, chunk_tokens=self.cfg.loss_chunk_tokens)
+            weight, hh = self.head_weight, h
+            if self.head is not None and self.head.bias is not None:     # logits = [h, 1] @ [W, b]^T
+                weight = torch.cat([weight, self.head.bias[:, None].to(weight.dtype)], dim=1)
+                hh = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
+            ce, z = head_loss(hh, weight, labels, z_loss=z_loss, chunk_tokens=self.cfg.loss_chunk_tokens)
             out.losses = {"ce": LossTerm(ce, "sum"), **({"z": LossTerm(z, "sum")} if z_loss > 0 else {}),
                           **out.losses}
         if labels is None or return_logits:

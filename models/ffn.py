@@ -64,7 +64,9 @@ class ScaledOutput(nn.Module):
 
 @FFNS.register("mlp")
 class MLP(ScaledOutput):
-    norm_inputs = {"all": ("w1",)}     # what reads the FFN-input norm (models/norm_fold.py)
+    # what reads the FFN-input norm, and the key that gives it a bias (models/norm_fold.py)
+    norm_inputs = {"all": ("w1",)}
+    norm_input_bias_keys = {"w1": "ffn.bias"}
     relu_finetune_activations = frozenset({"silu", "stochastic"})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -99,7 +101,9 @@ class MLP(ScaledOutput):
 
 @FFNS.register("glu")
 class GLU(ScaledOutput):
-    norm_inputs = {"all": ("w_in",)}   # what reads the FFN-input norm (models/norm_fold.py)
+    # what reads the FFN-input norm, and the key that gives it a bias (models/norm_fold.py)
+    norm_inputs = {"all": ("w_in",)}
+    norm_input_bias_keys = {"w_in": "ffn.bias"}
     relu_finetune_activations = frozenset({"swiglu", "stochastic"})
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -132,7 +136,9 @@ class GLU(ScaledOutput):
 
 @FFNS.register("fused_linear")
 class FusedLinearFFN(ScaledOutput):
-    norm_inputs = {"all": ("w",)}      # what reads the FFN-input norm (models/norm_fold.py)
+    # what reads the FFN-input norm, and the key that gives it a bias (models/norm_fold.py)
+    norm_inputs = {"all": ("w",)}
+    norm_input_bias_keys = {"w": "ffn.bias"}
     """FuFFN: y = W x, W = W2 W1 of an activation-free MLP, stored as one d x d matrix."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):

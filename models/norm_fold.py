@@ -6,9 +6,12 @@ reading it becomes W' = W diag(s) with bias c' = c + W b. The head reads the fin
 embeddings it cannot stay tied (the embedding must not be rescaled), so it becomes its own matrix.
 
 Each module that reads a norm's output names what reads it in `norm_inputs` ({"all" | "qk" | "v":
-entries}); an entry is a linear submodule's name, or a (weight, bias) pair of parameter names. A
-folded model is built from the config with `norm.block/final: none`, and `fold_norms` checks that
-it gives the logits of the model it came from before returning it.
+entries}); an entry is a linear submodule's name, or a (weight, bias) pair of parameter names, and
+`norm_input_bias_keys` names the config key that gives an entry a bias. A LayerNorm's bias needs a
+bias to go into: the folded config turns those keys on (attention's `qk_bias` / `v_bias`,
+`ffn.bias`, `head_bias`), and a reader without such a key (DeltaNet's, TTT's projections) is
+refused. The folded model is built from the config with `norm.block/final: none`, and
+`fold_norms` checks that it gives the logits of the model it came from before returning it.
 """
 from __future__ import annotations
 
@@ -59,13 +62,13 @@ def _readers(module: nn.Module, path: str, where: str) -> list[tuple[str, nn.Par
 
 @torch.no_grad()
 def _fold(norm: RemovableNorm, norm_name: str, readers: list[tuple[str, nn.Parameter, nn.Parameter | None]]) -> None:
+    """Fold x * s + b (s = g / std) into every reader (W, c): W diag(s), c + W b."""
     scale = norm.weight.double() / norm.std[0].double()
-    shift = norm.bias.double() if norm.bias is not None else None
+    shift = norm.bias.double() if norm.bias is not None and bool(norm.bias.ne(0).any()) else None
     for name, w, b in readers:
-        if shift is not None and bool(shift.ne(0).any()):
+        if shift is not None:
             if b is None:
-                raise FoldError(f"{norm_name} has a LayerNorm bias, and {name} has no bias to fold it into "
-                                "(train with model.ffn.bias / qk_bias, or remove RMSNorm norms)")
+                raise FoldError(f"{norm_name} has a LayerNorm bias, and {name} has no bias to fold it into")
             b.copy_((b.double() + w.double() @ shift).to(b.dtype))
         w.copy_((w.double() * scale[None, :]).to(w.dtype))
 
@@ -75,11 +78,52 @@ def unfinished(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, RemovableNorm) and not m.finished]
 
 
+def _plan(model: nn.Module) -> list[tuple[RemovableNorm, str, str, str]]:
+    """(norm, its name, the module reading it, the `norm_inputs` path) for every block norm."""
+    out = []
+    for i, block in enumerate(model.blocks):
+        split = block.mixer_norm_v is not None
+        out.append((block.mixer_norm, f"blocks.{i}.mixer_norm", f"blocks.{i}.mixer", "qk" if split else "all"))
+        if split:
+            out.append((block.mixer_norm_v, f"blocks.{i}.mixer_norm_v", f"blocks.{i}.mixer", "v"))
+        out.append((block.ffn_norm, f"blocks.{i}.ffn_norm", f"blocks.{i}.ffn", "all"))
+    return out
+
+
+def _with_biases(model: nn.Module, plan: list[tuple[RemovableNorm, str, str, str]]) -> Any:
+    """The folded model's config: `folded_config`, plus the bias keys (a mixer's `qk_bias` /
+    `v_bias`, `ffn.bias`, `head_bias`) that a nonzero LayerNorm bias needs to fold into."""
+    cfg = model.cfg
+    out = folded_config(cfg)
+    letters = cfg.layers.letters(cfg.n_layers)
+    for norm, norm_name, where, path in plan:
+        if norm.bias is None or not bool(norm.bias.ne(0).any()):
+            continue
+        module = model.get_submodule(where)
+        for name, _, bias in _readers(module, path, where):
+            if bias is not None:
+                continue
+            entry = name[len(where) + 1:]
+            key = getattr(module, "norm_input_bias_keys", {}).get(entry)
+            if key is None:
+                raise FoldError(f"{norm_name} has a LayerNorm bias, and {name} has no bias to fold it into "
+                                f"({type(module).__name__} has no bias option)")
+            if key.startswith("ffn."):
+                setattr(out.ffn, key[len("ffn."):], True)
+            else:
+                setattr(out.layers.mixers[letters[int(where.split(".")[1])]], key, True)
+    if model.final_norm.bias is not None and bool(model.final_norm.bias.ne(0).any()):
+        out.head_bias = True
+    return out
+
+
 @torch.no_grad()
 def fold_norms(model: nn.Module, check_ids: torch.Tensor | None = None, tol: float = 1e-5) -> nn.Module:
     """A new Decoder without norms and with the logits of `model` (a Decoder whose removal schedule
-    has finished; it is left unchanged). check_ids: (B, T) token ids for the logits check (default:
-    two seeded random rows); the folded model must match within tol * max(1, max |logit|)."""
+    has finished; it is left unchanged). A nonzero LayerNorm bias turns on the bias it folds into
+    (`qk_bias`, `v_bias`, `ffn.bias`, `head_bias`; the new biases start at zero). check_ids: (B, T)
+    token ids for the logits check (default: two seeded random rows); the folded model must match
+    within tol * max(1, max |logit|)."""
     from models.decoder import Decoder
 
     cfg = model.cfg
@@ -89,33 +133,26 @@ def fold_norms(model: nn.Module, check_ids: torch.Tensor | None = None, tol: flo
     if left:
         raise FoldError("the removal schedule has not finished: still real or with an EOT / position-0 std: "
                         + ", ".join(left))
-    work = copy.deepcopy(model).eval()
-    for i, block in enumerate(work.blocks):
-        where = f"blocks.{i}"
-        split = block.mixer_norm_v is not None
-        _fold(block.mixer_norm, f"{where}.mixer_norm", _readers(block.mixer, "qk" if split else "all", f"{where}.mixer"))
-        if split:
-            _fold(block.mixer_norm_v, f"{where}.mixer_norm_v", _readers(block.mixer, "v", f"{where}.mixer"))
-        _fold(block.ffn_norm, f"{where}.ffn_norm", _readers(block.ffn, "all", f"{where}.ffn"))
-    head = nn.Parameter(work.head_weight.detach().clone())
-    _fold(work.final_norm, "final_norm", [("head", head, None)])
-
+    plan = _plan(model)
     like = next(model.parameters())
-    out = Decoder(folded_config(cfg), init_seed=0).to(device=like.device, dtype=like.dtype).eval()
-    mine = work.state_dict()
-    state = {}
-    for key in out.state_dict():
-        if key == "head.weight":
-            state[key] = head.detach()
-        elif key in mine:
-            state[key] = mine[key]
+    out = Decoder(_with_biases(model, plan), init_seed=0).to(device=like.device, dtype=like.dtype).eval()
+    mine, state = model.state_dict(), out.state_dict()
+    for key, value in state.items():
+        if key in mine:
+            value.copy_(mine[key])
+        elif key == "head.weight":                        # tied before: the head starts as the embedding
+            value.copy_(model.head_weight)
+        elif key.endswith(".bias"):                       # a bias the fold needs: zero, then folded into
+            value.zero_()
         else:
             raise FoldError(f"the folded model has {key}, which the source model does not")
-    out.load_state_dict(state, strict=True)
+    for norm, norm_name, where, path in plan:
+        _fold(norm, norm_name, _readers(out.get_submodule(where), path, where))
+    _fold(model.final_norm, "final_norm", [("head", out.head.weight, out.head.bias)])
 
     if check_ids is None:
         g = torch.Generator().manual_seed(0)
-        check_ids = torch.randint(0, cfg.vocab_size, (2, min(32, cfg.max_seq_len)), generator=g)
+        check_ids = torch.randint(0, cfg.vocab_size, (2, min(32, cfg.max_seq_len)), generator=g).to(like.device)
     was_training = model.training
     want, got = model.eval()(check_ids).logits, out(check_ids).logits
     model.train(was_training)

@@ -13,9 +13,11 @@ normed model is fine-tuned while its norms are switched off one group at a time;
   `torch.where`, not a Python branch, so a compiled block does not depend on the flags.
 - The std a norm freezes is the mean over the last step's tokens (each position kind apart) of
   the divisor the real norm used: sqrt(mean x^2 + eps) for RMSNorm, sqrt(var x + eps) for
-  LayerNorm. A norm due to switch accumulates (sum, count) during that step's forwards; the
-  callback (train/callbacks/norm_removal.py) sums them over data-parallel ranks and freezes.
-  An activation-checkpointing recomputation adds each forward twice: the mean is unchanged.
+  LayerNorm. Every training forward adds (sum, count) per kind into the non-persistent `stats`
+  buffer (an in-place add, so a compiled block neither breaks nor recompiles around it); the
+  callback (train/callbacks/norm_removal.py) zeroes it before each step, and at a switch sums it
+  over data-parallel ranks and freezes. An activation-checkpointing recomputation adds each
+  forward twice: the mean is unchanged.
 - `removal_schedule` is the order of the paper and the follow-up code: each layer's FFN-input
   norm, the attention-input norm on the q/k path, its copy on the v path, the final norm, then
   EOT tokens and position 0 give up their own std. The attention-input norm is duplicated (the
@@ -61,10 +63,10 @@ class RemovableNorm(nn.Module):
         self.register_buffer("fake", torch.tensor(False))
         self.register_buffer("special", torch.tensor([True, True]))     # EOT tokens, position 0
         self.register_buffer("std", torch.ones(3))                      # ordinary, EOT, position 0
+        # (2, 3): sum and count of the real divisors per kind over this step's training forwards
+        self.register_buffer("stats", torch.zeros(2, 3, dtype=torch.float64), persistent=False)
         # the final norm adds the auxiliary residual-std loss (`ln_aux`) in training
         self.aux_loss_weight = aux_loss_weight
-        self.capturing = False        # set by the callback for the step before this norm switches
-        self.captured: torch.Tensor | None = None   # (2, 3) float64: sum and count of divisors per kind
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -77,6 +79,7 @@ class RemovableNorm(nn.Module):
             self.fake.fill_(False)
             self.special.fill_(True)
             self.std.fill_(1.0)
+            self.stats.zero_()
 
     @property
     def finished(self) -> bool:
@@ -103,7 +106,7 @@ class RemovableNorm(nn.Module):
         else:
             real = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
             num = xf
-        if self.capturing and self.training:
+        if self.training:
             self._capture(real.detach(), kinds)
         y = num / torch.where(self.fake, self.frozen(kinds, dt), real) * self.weight.to(dt)
         if self.bias is not None:
@@ -115,13 +118,12 @@ class RemovableNorm(nn.Module):
         return y
 
     def _capture(self, real: torch.Tensor, kinds: torch.Tensor | None) -> None:
-        """Add this forward's per-kind sums and counts of the real divisor to `captured`."""
-        real = real.squeeze(-1).double()                                    # (B, T)
+        """Add this forward's per-kind sums and counts of the real divisor to `stats`."""
+        real = real.squeeze(-1).to(self.stats.dtype)                         # (B, T)
         if kinds is None:
             kinds = torch.zeros(real.shape, dtype=torch.long, device=real.device)
-        onehot = F.one_hot(kinds, 3).double()                                # (B, T, 3)
-        stats = torch.stack([(real.unsqueeze(-1) * onehot).sum((0, 1)), onehot.sum((0, 1))])
-        self.captured = stats if self.captured is None else self.captured + stats
+        onehot = F.one_hot(kinds, 3).to(real.dtype)                          # (B, T, 3)
+        self.stats.add_(torch.stack([(real.unsqueeze(-1) * onehot).sum((0, 1)), onehot.sum((0, 1))]))
 
     @torch.no_grad()
     def freeze(self, stats: torch.Tensor) -> torch.Tensor:
@@ -131,6 +133,9 @@ class RemovableNorm(nn.Module):
         if counts[ORDINARY] <= 0:
             raise RuntimeError("norm removal: no ordinary position was seen in the step before a switch")
         std = torch.where(counts > 0, sums / counts.clamp_min(1), sums[ORDINARY] / counts[ORDINARY])
+        if not bool(torch.isfinite(std).all()):
+            raise RuntimeError(f"norm removal: the step before this switch had non-finite activations "
+                               f"(measured stds {std.tolist()}); a norm cannot freeze them")
         self.std.copy_(std.to(self.std.dtype))
         self.fake.fill_(True)
         return std

@@ -94,6 +94,10 @@ FINAL_NORM_BIAS = register_tag(TagSpec("final_norm_bias", matrix=False, in_block
                                        muon_ok=False, init="zeros", role="final_norm"))
 OUTPUT_HEAD = register_tag(TagSpec("output_head", matrix=True, in_block=False, matmul=True, muon_ok=False,
                                    init="normal", role="readout"))   # its width rule: the output multiplier
+# the untied head's bias (`model.head_bias`): what a LayerNorm's final bias folds into, so it is
+# treated as the final norm's parameters are
+OUTPUT_BIAS = register_tag(TagSpec("output_bias", matrix=False, in_block=False, matmul=False, muon_ok=False,
+                                   init="zeros", role="final_norm"))
 SCALAR = register_tag(TagSpec("scalar", matrix=False, in_block=True, matmul=False, muon_ok=False,
                               init="module", role="hidden_bias"))   # learnable scalars / coefficients with their module's init
 # Memory layers' value table (Memory Layers at Scale, arXiv 2412.09764): an embedding-bag lookup,

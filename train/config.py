@@ -333,9 +333,10 @@ class Config:
         if removal is not None:
             from models.norm_removal import removal_schedule
             last = removal_schedule(removal, self.model.n_layers)[-1].step
-            require(last <= self.train.steps, "model.norm.removal",
-                    f"the schedule's last switch (position 0, bos_after) is at step {last}, beyond train.steps="
-                    f"{self.train.steps}: raise train.steps or shorten start_step / the gaps")
+            require(last < self.train.steps, "model.norm.removal",
+                    f"the schedule's last switch (position 0, bos_after) is at step {last}; train.steps="
+                    f"{self.train.steps} must exceed it, so that some step trains with it: raise train.steps "
+                    "or shorten start_step / the gaps")
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.model.vocab_size is not None and self.tokenizer.kind == "bpe" and self.source_vocab() is None:

@@ -269,7 +269,8 @@ class DDPBackend(Backend):
     def _wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # broadcast_buffers off: the only buffers (RoPE tables) follow from the config
+        # broadcast_buffers off: buffers follow from the config (RoPE tables) or are set alike on
+        # every rank (a removable norm's switch state); its step statistics must stay per rank
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     @contextlib.contextmanager
@@ -300,6 +301,11 @@ class FSDP2Backend(Backend):
         # CPU offload keeps the sharded parameters on the CPU; buffers live on the compute device
         model.to_empty(device="cpu" if self.cfg.parallel.cpu_offload else self.device)
         model.init_weights(device=self.device)
+        if self.cfg.parallel.cpu_offload:      # offload moves parameters only: buffers go to the device
+            for module in model.modules():
+                for name, buf in module.named_buffers(recurse=False):
+                    if buf is not None and buf.device != self.device:
+                        module._buffers[name] = buf.to(self.device)
         return model
 
     def _fsdp_kwargs(self) -> dict[str, Any]:

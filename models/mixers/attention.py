@@ -31,6 +31,7 @@ class AttentionConfig:
     window: int | None = None   # sliding window: a query sees itself and the window-1 tokens before it
     temperature: bool = False   # learnable per-head temperature tau_h (log-parameterised, init 1): q / tau_h
     qk_bias: bool = False       # biases on the Q and K projections (as the LN-free reference)
+    v_bias: bool = False        # a bias on the V projection (fold-norms puts a LayerNorm v-path bias there)
 
     def validate(self, path: str) -> None:
         if self.window is not None:
@@ -153,6 +154,7 @@ class Attention(nn.Module):
     takes_value_input = True       # forward(value_input=...): v from its own input (LayerNorm removal's v path)
     # the projections that read the input norm's output, by path (models/norm_fold.py)
     norm_inputs = {"all": ("wq", "wk", "wv"), "qk": ("wq", "wk"), "v": ("wv",)}
+    norm_input_bias_keys = {"wq": "qk_bias", "wk": "qk_bias", "wv": "v_bias"}   # the config key giving each a bias
 
     def __init__(self, cfg: ModelConfig, mixer_cfg: AttentionConfig, layer_idx: int):
         super().__init__()
@@ -165,7 +167,7 @@ class Attention(nn.Module):
         d, dh = cfg.d_model, cfg.head_dim
         self.wq = tag_linear(nn.Linear(d, self.n_heads * dh, bias=mixer_cfg.qk_bias))
         self.wk = tag_linear(nn.Linear(d, self.n_kv_heads * dh, bias=mixer_cfg.qk_bias))
-        self.wv = tag_linear(nn.Linear(d, self.n_kv_heads * dh, bias=False))
+        self.wv = tag_linear(nn.Linear(d, self.n_kv_heads * dh, bias=mixer_cfg.v_bias))
         self.wo = tag_linear(nn.Linear(self.n_heads * dh, d, bias=False))
         self.wo.is_residual_out = True
         self.scale = build_parameterization(cfg).attention_scale(dh)   # None: 1/sqrt(dh)

@@ -118,6 +118,7 @@ def options() -> dict[str, dict]:
         add(f"param={kind}", {"param": param})
         for key, value in variants(ParamConfig):
             add(f"param={kind}.{key}={value}", {"param": {**param, key: value}})
+    add("head_bias", {"head_bias": True, "tie_embeddings": False})     # refused with the tied default
     for norm in ("rmsnorm", "layernorm"):        # LayerNorm removal mid-schedule: some norms fake, with the
         # EOT / position-0 stds still apart (the buffers travel in the weights)
         add(f"norm.removal {norm} mid-schedule", {"norm": {"block": norm, "final": norm, "removal": {"eot_token": 5}}},

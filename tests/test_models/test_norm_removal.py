@@ -37,14 +37,10 @@ def test_fake_norm_with_the_measured_std_equals_the_real_norm(kind):
         norm.weight.copy_(torch.randn(8))
         if norm.bias is not None:
             norm.bias.copy_(torch.randn(8))
-    x = _rows_with_std(2, 5, 8, 3.7, centred=True)
-    if kind == "layernorm":
-        x = x + 0.0                     # already centred: the fake norm subtracts no mean
+    x = _rows_with_std(2, 5, 8, 3.7, centred=True)   # centred: the fake LayerNorm subtracts no mean
     norm.train()
-    norm.capturing = True
     real = norm(x)
-    norm.capturing = False
-    std = norm.freeze(norm.captured)
+    std = norm.freeze(norm.stats)
     torch.testing.assert_close(std, torch.full((3,), (3.7 ** 2 + eps) ** 0.5, dtype=torch.float64),
                                rtol=1e-14, atol=0)
     for s in (EOT, BOS):
@@ -57,6 +53,13 @@ def test_fake_norm_with_the_measured_std_equals_the_real_norm(kind):
     fake = y / divisor * norm.weight + (norm.bias if norm.bias is not None else 0)
     norm.fake.fill_(False)
     torch.testing.assert_close(fake, norm(y), rtol=1e-12, atol=1e-12)
+
+
+def test_a_non_finite_batch_cannot_be_frozen():
+    norm = RemovableNorm("rmsnorm", 4, 1e-6)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        norm.freeze(torch.tensor([[float("nan"), 0.0, 0.0], [3.0, 0.0, 0.0]], dtype=torch.float64))
+    assert not bool(norm.fake)
 
 
 def test_fake_layernorm_subtracts_no_mean():
@@ -100,16 +103,12 @@ def _finished(cfg_over: dict, seed: int = 0, dtype=torch.float64) -> models.Deco
             if isinstance(m, RemovableNorm):
                 m.weight.mul_(1 + 0.3 * torch.randn_like(m.weight))
     model.train()
-    for m in model.modules():
-        if isinstance(m, RemovableNorm):
-            m.capturing = True
     ids = torch.randint(0, 64, (2, 16))
     ids[:, 5] = EOT_ID
     model(ids, labels=ids)
     for m in model.modules():
         if isinstance(m, RemovableNorm):
-            m.freeze(m.captured)
-            m.capturing = False
+            m.freeze(m.stats)
             m.end_special(EOT)
             m.end_special(BOS)
     return model.eval()
@@ -147,30 +146,49 @@ def test_folding_preserves_the_logits(arch):
         torch.testing.assert_close(folded32(ids).logits, model32(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_refuses_unfinished_schedules_and_unfoldable_biases():
+def test_fold_refuses_unfinished_schedules_and_unfoldable_readers():
     cfg = model_config({**BASE, "norm": {"removal": REMOVAL}})
     with pytest.raises(FoldError, match="has not finished"):
         fold_norms(models.Decoder(cfg))
     with pytest.raises(FoldError, match="no model.norm.removal"):
         fold_norms(models.Decoder(model_config(BASE)))
-    model = _finished({"norm": {"block": "layernorm", "final": "layernorm", "removal": REMOVAL}})
-    with torch.no_grad():
-        model.blocks[0].mixer_norm_v.bias.add_(0.1)
-    with pytest.raises(FoldError, match=r"blocks.0.mixer_norm_v has a LayerNorm bias.*blocks.0.mixer.wv has no bias"):
-        fold_norms(model)
-    # a bias where a projection has one folds (q/k biases, FFN biases)
     model = _finished({"norm": {"block": "layernorm", "final": "layernorm", "removal": REMOVAL},
-                       "layers": {"mixers": {"A": {"kind": "attention", "qk_bias": True}}}, "ffn": {"bias": True}})
+                       "layers": {"pattern": "AD", "mixers": {"A": {"kind": "attention"}, "D": {"kind": "deltanet"}}}})
     with torch.no_grad():
-        for block in model.blocks:
-            block.mixer_norm.bias.add_(0.1)
-            block.ffn_norm.bias.add_(-0.2)
-    ids = torch.randint(0, 64, (2, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(fold_norms(model)(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-10)
+        model.blocks[1].mixer_norm.bias.add_(0.1)
+    with pytest.raises(FoldError, match=r"blocks.1.mixer_norm has a LayerNorm bias.*blocks.1.mixer.wq has no bias.*"
+                                        r"DeltaNet has no bias option"):
+        fold_norms(model)
     model = _finished({"norm": {"removal": REMOVAL}, "ffn": {"weight_norm": "weight"}})
     with pytest.raises(FoldError, match="not a plain nn.Linear"):
         fold_norms(model)
+
+
+def test_layernorm_biases_fold_into_biases_the_folded_model_turns_on():
+    """Trained LayerNorm biases are nonzero everywhere: the folded config gains q/k/v, FFN and head
+    biases where there were none (and keeps the ones there were), with the same logits."""
+    for qk_bias in (False, True):
+        model = _finished({"norm": {"block": "layernorm", "final": "layernorm", "removal": REMOVAL},
+                           "layers": {"mixers": {"A": {"kind": "attention", "qk_bias": qk_bias}}}})
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, RemovableNorm):
+                    m.bias.copy_(0.2 * torch.randn_like(m.bias))
+            if qk_bias:
+                model.blocks[0].mixer.wq.bias.add_(0.3)
+        folded = fold_norms(model)
+        mixer = folded.cfg.layers.mixers["A"]
+        assert mixer.qk_bias and mixer.v_bias and folded.cfg.ffn.bias and folded.cfg.head_bias
+        ids = torch.randint(0, 64, (2, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(folded(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-10)
+        # training through the head bias: the chunked loss equals the logits' cross-entropy
+        labels = torch.randint(0, 64, (2, 12))
+        folded.cfg.loss_chunk_tokens = 8
+        ce = folded(ids, labels=labels).losses["ce"].value
+        want = torch.nn.functional.cross_entropy(folded(ids).logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        torch.testing.assert_close(ce, want, rtol=1e-12, atol=1e-12)
 
 
 def test_auxiliary_residual_std_loss_matches_a_hand_computation():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from ablate_testing import make_cfg, train_rows
@@ -90,6 +91,33 @@ def test_schedule_flips_exactly_the_scheduled_norms_across_a_resume(runs):
     assert std == pytest.approx(ref_std, rel=1e-6)
 
 
+def test_the_first_frozen_std_is_the_previous_steps_divisor(runs, finished_run, tiny_dict):
+    """Recomputed independently: layer 0's FFN norm switches at step 1 with the mean RMS of its
+    input over step 0's batch (global samples 0..7), under the init_from weights; EOT tokens (the
+    tokenizer's EOS, resolved into the config) and position 0 apart."""
+    from train.data import prepare_data
+    from train.runtime import load_run_config
+    cfg = load_run_config(runs / "ref")
+    eot = cfg.model.norm.removal.eot_token
+    assert eot is not None
+    data = prepare_data(make_cfg(tiny_dict), progress=False)
+    ids = data.train_samples(cfg.data.seq_len, cfg.data.seed).batch(np.arange(8))["input_ids"]
+    model, _, _ = load_model(finished_run)
+    seen = {}
+    model.blocks[0].ffn_norm.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach()))
+    with torch.no_grad():
+        model.train()(ids)
+    rms = (seen["x"].double().pow(2).mean(-1) + cfg.model.norm.eps).sqrt()
+    first = torch.zeros_like(ids, dtype=torch.bool)
+    first[:, 0] = True
+    is_eot = (ids == eot) & ~first
+    [row] = [r for r in train_rows(runs / "ref", "event") if r["event"] == "norm_switch" and r["step"] == 1]
+    assert row["norm"] == "blocks.0.ffn_norm"
+    assert row["std"] == pytest.approx(float(rms[~first & ~is_eot].mean()), rel=1e-6)
+    assert row["std_bos"] == pytest.approx(float(rms[first].mean()), rel=1e-6)
+    assert bool(is_eot.any()) and row["std_eot"] == pytest.approx(float(rms[is_eot].mean()), rel=1e-6)
+
+
 def test_fold_norms_writes_a_run_with_the_same_logits(runs, tmp_path, tiny_dict, capsys):
     assert main(["checkpoint", "fold-norms", str(runs / "ref")]) == 0
     out = runs / "ref-folded"
@@ -121,9 +149,10 @@ def test_fold_norms_refuses_an_unfinished_schedule(runs, capsys, tmp_path):
 
 
 def test_removal_config_errors(finished_run, tiny_dict, runs, tmp_path):
-    with pytest.raises(ConfigError) as e:
-        make_cfg(tiny_dict, train__steps=8, model__norm__removal=FAST)
-    assert e.value.key == "model.norm.removal" and "step 9" in e.value.message
+    for steps in (8, 9):             # the last switch is at step 9: some step must train with it
+        with pytest.raises(ConfigError) as e:
+            make_cfg(tiny_dict, train__steps=steps, model__norm__removal=FAST)
+        assert e.value.key == "model.norm.removal" and "step 9" in e.value.message
     # starting a removal schedule from a run whose norms are already fake
     cfg = make_cfg(tiny_dict, init_from=str(runs / "ref"), train__steps=10, checkpoint__every=0,
                    model__norm__removal=FAST)
@@ -142,11 +171,12 @@ def test_frozen_std_is_summed_over_data_parallel_ranks():
     logged = []
     state = SimpleNamespace(model=model, step=0, backend=backend, device=torch.device("cpu"), log=logged.append)
     cb = NormRemoval(removal_schedule(cfg.norm.removal, 1))
-    cb.on_step_start(state)                       # step 0 runs: layer 0's FFN norm switches after it
     norm = model.blocks[0].ffn_norm
-    assert norm.capturing and not model.blocks[0].mixer_norm.capturing
+    model(torch.randint(1, 32, (2, 6)))           # an earlier forward: on_step_start zeroes its sums
+    cb.on_step_start(state)                       # step 0 runs: layer 0's FFN norm switches after it
+    assert float(norm.stats.abs().sum()) == 0.0
     model(torch.randint(1, 32, (2, 6)))
-    mine = norm.captured.clone()
+    mine = norm.stats.clone()
     state.step = 1
     cb.on_step_end(state, {})
     want = (mine[0, 0] + 30.0) / (mine[1, 0] + 10.0)

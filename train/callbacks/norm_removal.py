@@ -3,8 +3,8 @@
 Heimersheim, "You can remove GPT2's LayerNorm by fine-tuning" (arXiv 2409.13710). A norm
 switched at step s must be fake for step s's forward and freeze the stds of step s - 1's batch:
 
-    on_step_start (step s - 1)   the norms due at s start accumulating their divisors
-    on_step_end   (s steps done) their sums and counts are summed over data-parallel ranks, the
+    on_step_start (step s - 1)   every norm's divisor sums are zeroed (training forwards add to them)
+    on_step_end   (s steps done) the due norms' sums and counts are summed over data-parallel ranks, the
                                  norms freeze and turn fake; an eot / bos switch ends that special
                                  std in every norm; each switch is a `norm_switch` event
 
@@ -45,10 +45,8 @@ class NormRemoval(Callback):
         if not self.checked:
             self._check(norms, state.step)
             self.checked = True
-        due = {s.module_name() for s in self.schedule if s.step == state.step + 1 and s.group in FAKE_GROUPS}
-        for name, norm in norms.items():
-            norm.capturing = name in due
-            norm.captured = None
+        for norm in norms.values():
+            norm.stats.zero_()
 
     def on_step_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         switches = [s for s in self.schedule if s.step == state.step]
@@ -61,9 +59,10 @@ class NormRemoval(Callback):
                 norm = norms.get(sw.module_name())
                 if norm is None:       # the v path of a mixer without a separate value input
                     continue
-                stats = norm.captured if norm.captured is not None else torch.zeros(2, 3, dtype=torch.float64)
-                std = norm.freeze(state.backend.all_sum(stats.to(state.device)))
-                norm.capturing, norm.captured = False, None
+                try:
+                    std = norm.freeze(state.backend.all_sum(norm.stats.clone()))
+                except RuntimeError as e:
+                    raise RuntimeError(f"{sw.module_name()} at step {state.step}: {e}") from None
                 row.update(layer=sw.layer, norm=sw.module_name(),
                            **{f"std_{k}" if k != "ordinary" else "std": float(v) for k, v in zip(KIND_NAMES, std)})
             else:
