@@ -51,7 +51,7 @@ def test_round_trip_with_windowed_mixers(tmp_path):
     assert cfg.model.layers.mixers["S"].window == 16
     d = cfg.to_dict()
     assert d["model"]["layers"]["mixers"]["S"] == {"kind": "attention", "window": 16, "temperature": False,
-                                                   "qk_bias": False}
+                                                   "qk_bias": False, "v_bias": False}
     assert config_from_dict(d) == cfg
 
 
