@@ -49,14 +49,12 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: MixerContext, cache=None) -> tuple[torch.Tensor, Aux]:
         m = self.residual_multiplier
-        if self.removable:
-            kinds = ctx.norm_kinds
-            extra = {} if self.mixer_norm_v is None else {"value_input": self.mixer_norm_v(h, kinds)}
-            a, mixer_aux = split_output(self.mixer(self.mixer_norm(h, kinds), ctx, cache, **extra))
-            h = h + (a if m == 1.0 else m * a)
-            f, ffn_aux = split_output(self.ffn(self.ffn_norm(h, kinds), ctx))
-            return h + (f if m == 1.0 else m * f), merge_aux(mixer_aux, ffn_aux)
-        a, mixer_aux = split_output(self.mixer(self.mixer_norm(h), ctx, cache))
+        extra = {} if self.mixer_norm_v is None else {"value_input": self._norm(self.mixer_norm_v, h, ctx)}
+        a, mixer_aux = split_output(self.mixer(self._norm(self.mixer_norm, h, ctx), ctx, cache, **extra))
         h = h + (a if m == 1.0 else m * a)
-        f, ffn_aux = split_output(self.ffn(self.ffn_norm(h), ctx))
+        f, ffn_aux = split_output(self.ffn(self._norm(self.ffn_norm, h, ctx), ctx))
         return h + (f if m == 1.0 else m * f), merge_aux(mixer_aux, ffn_aux)
+
+    def _norm(self, norm: nn.Module, h: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        """A removable norm also reads the position kinds."""
+        return norm(h, ctx.norm_kinds) if self.removable else norm(h)

@@ -174,12 +174,10 @@ class Decoder(nn.Module):
             add_losses(out.losses, aux.losses)
             for name, value in aux.stats.items():
                 out.stats.setdefault(name, {})[i] = value.detach()
-        if kinds is not None:          # a removable final norm may return the ln_aux term
-            h, final_aux = split_output(self.final_norm(h, kinds))
-            if final_aux is not None:
-                add_losses(out.losses, final_aux.losses)
-        else:
-            h = self.final_norm(h)
+        # a removable final norm reads the position kinds and may return the ln_aux term
+        h, final_aux = split_output(self.final_norm(h, kinds) if kinds is not None else self.final_norm(h))
+        if final_aux is not None:
+            add_losses(out.losses, final_aux.losses)
         if self.param.output_multiplier != 1.0:
             h = h * self.param.output_multiplier
         if labels is not None:

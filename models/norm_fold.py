@@ -60,11 +60,16 @@ def _readers(module: nn.Module, path: str, where: str) -> list[tuple[str, nn.Par
     return out
 
 
+def _has_shift(norm: RemovableNorm) -> bool:
+    """Whether the norm has a nonzero (LayerNorm) bias, which needs a bias in each reader."""
+    return norm.bias is not None and bool(norm.bias.ne(0).any())
+
+
 @torch.no_grad()
 def _fold(norm: RemovableNorm, norm_name: str, readers: list[tuple[str, nn.Parameter, nn.Parameter | None]]) -> None:
     """Fold x * s + b (s = g / std) into every reader (W, c): W diag(s), c + W b."""
     scale = norm.weight.double() / norm.std[0].double()
-    shift = norm.bias.double() if norm.bias is not None and bool(norm.bias.ne(0).any()) else None
+    shift = norm.bias.double() if _has_shift(norm) else None
     for name, w, b in readers:
         if shift is not None:
             if b is None:
@@ -97,7 +102,7 @@ def _with_biases(model: nn.Module, plan: list[tuple[RemovableNorm, str, str, str
     out = folded_config(cfg)
     letters = cfg.layers.letters(cfg.n_layers)
     for norm, norm_name, where, path in plan:
-        if norm.bias is None or not bool(norm.bias.ne(0).any()):
+        if not _has_shift(norm):
             continue
         module = model.get_submodule(where)
         for name, _, bias in _readers(module, path, where):
@@ -112,8 +117,7 @@ def _with_biases(model: nn.Module, plan: list[tuple[RemovableNorm, str, str, str
                 setattr(out.ffn, key[len("ffn."):], True)
             else:
                 setattr(out.layers.mixers[letters[int(where.split(".")[1])]], key, True)
-    if model.final_norm.bias is not None and bool(model.final_norm.bias.ne(0).any()):
-        out.head_bias = True
+    out.head_bias = out.head_bias or _has_shift(model.final_norm)
     return out
 
 

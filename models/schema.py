@@ -36,6 +36,16 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def optional_section(tp: Any) -> type | None:
+    """The dataclass of a `Section | None` annotation (an optional config section, e.g.
+    `model.norm.removal`), else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]):
+            return members[0]
+    return None
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
     """Check `value` against annotation `tp`, converting dicts into dataclasses."""
     if tp is Any:

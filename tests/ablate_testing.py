@@ -75,6 +75,25 @@ def with_nan(cfg, steps: set[int]) -> list:
     return default_callbacks(cfg) + [nan_loss(steps)]
 
 
+def train_losses(model, ids, steps: int = 20, lr: float = 1.0e-2) -> list[float]:
+    """Train `model` on one batch of token ids for `steps` AdamW steps (CE per target token);
+    every gradient and, at the end, every parameter must be finite. Returns the losses."""
+    import torch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    targets = ids[:, 1:].numel()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).losses["ce"].value / targets
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return losses
+
+
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

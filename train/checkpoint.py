@@ -156,7 +156,8 @@ def clean_partial(ckpt_root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _rng_file(rank: int) -> str:
+def rng_file(rank: int) -> str:
+    """A rank's RNG state file inside a checkpoint."""
     return f"rng-rank{rank:05d}.pt"
 
 
@@ -228,7 +229,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer: tor
         optimizer.state.clear()
     trainer_state = {**trainer_state, "optim_empty": optim_empty}
     if rng is not None:
-        torch.save(rng, tmp / _rng_file(rank))
+        torch.save(rng, tmp / rng_file(rank))
     if rank == 0:
         torch.save(trainer_state, tmp / TRAINER_STATE)
     pending = PendingSave(step, tmp, final, future, t0, time.perf_counter() - t0)
@@ -286,9 +287,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
     if optimizer is not None and trainer_state.get("optim_empty"):
         optimizer.state.clear()          # saved before the first optimizer step
-    rng_path = path / _rng_file(rank)
+    rng_path = path / rng_file(rank)
     if not rng_path.exists():
-        rng_path = path / _rng_file(0)
+        rng_path = path / rng_file(0)
     if rng_path.exists():
         trainer_state["rng"] = torch.load(rng_path, weights_only=False)
     return trainer_state

@@ -58,8 +58,8 @@ def fold_run(run_dir: str | Path, step: int | str | None = "latest", out: str | 
     trainer_state = torch.load(src / ckpt.TRAINER_STATE, weights_only=False)
     trainer_state.get("callbacks", {}).pop("norm_removal", None)
     trainer_state.pop("optim_empty", None)
-    rng_file = src / "rng-rank00000.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+    rng_path = src / ckpt.rng_file(0)
+    rng = torch.load(rng_path, weights_only=False) if rng_path.exists() else None
     with staging(dest) as tmp:
         folded_run = RunDir(tmp)
         saved = run.read_config()

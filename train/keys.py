@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import yaml
 
 from models.registry import MIXERS, ConfigError, suggest
-from models.schema import to_dict, type_name
+from models.schema import optional_section, to_dict, type_name
 
 MIXERS_KEY = "model.layers.mixers"        # letter -> a mixer config whose keys depend on its kind
 LETTER = "<LETTER>"
@@ -133,9 +133,8 @@ def _section_rows(cls: type, prefix: str = "", variant: str = "") -> Iterator[Ke
         yield KeyRow(key, type_name(tp), _default(f), docs.get(f.name, ""), owner, variant)
         if key == MIXERS_KEY:
             yield from _mixer_rows()
-        optional = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):     # `Section | None`: its keys too
-            yield from _section_rows(optional[0], key, variant)
+        if (section := optional_section(tp)) is not None:       # `Section | None`: its keys too
+            yield from _section_rows(section, key, variant)
     for name, section in opened.items():         # sources that are not fields of the data section
         yield from _section_rows(section, _join(prefix, name), variant)
 

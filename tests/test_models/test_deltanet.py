@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ablate_testing import train_losses
 
 import models
 from models.config import model_config
@@ -148,19 +149,7 @@ def test_packed_documents_equal_documents_run_one_by_one(form):
 
 def test_a_two_layer_deltanet_trains():
     torch.manual_seed(0)
-    model = models.Decoder(_cfg({"use_gate": True}))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = _ids(33, B=4)
-    losses = []
-    for _ in range(20):
-        opt.zero_grad(set_to_none=True)
-        loss = model(ids[:, :-1], labels=ids[:, 1:]).losses["ce"].value / (4 * 32)
-        loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        opt.step()
-        losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses))), losses
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    losses = train_losses(models.Decoder(_cfg({"use_gate": True})), _ids(33, B=4))
     assert losses[-1] < 0.7 * losses[0], losses
 
 

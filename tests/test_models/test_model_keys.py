@@ -41,6 +41,7 @@ import models
 from models.config import ModelConfig, ParamConfig, model_config
 from models.ffn import GLU_GATES
 from models.registry import ACTIVATIONS, FFNS, MEMORIES, MIXERS, NORMS, PARAMETERIZATIONS, ConfigError
+from models.schema import optional_section
 from train.callbacks.activation_schedule import apply_activation_schedule
 
 # ----------------------------------------------------------------------------- the base model
@@ -226,7 +227,7 @@ def _leaves(cls: type, key_prefix: str = "", path_prefix: str = "", context: tup
                                    ctx, skip=("kind",))
         elif dataclasses.is_dataclass(tp):
             out += _leaves(tp, key + ".", path + ".", context)
-        elif (section := _optional_section(tp)) is not None:
+        elif (section := optional_section(tp)) is not None:
             # an optional section (`norm.removal`): the section itself is a key (null vs on), and its
             # keys are enumerated with it switched on ({}: its defaults) on both sides
             out.append(Leaf(key, path, tp, context))
@@ -234,15 +235,6 @@ def _leaves(cls: type, key_prefix: str = "", path_prefix: str = "", context: tup
         else:
             out.append(Leaf(key, path, tp, context))
     return out
-
-
-def _optional_section(tp: Any) -> type | None:
-    """The dataclass of a `Section | None` annotation, else None."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(members) == 1 and dataclasses.is_dataclass(members[0]):
-            return members[0]
-    return None
 
 
 LEAVES = _leaves(ModelConfig)

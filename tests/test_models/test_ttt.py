@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ablate_testing import train_losses
 
 import models
 from models.config import model_config
@@ -135,19 +136,7 @@ def test_streaming_decode_equals_the_full_forward(kind, mixer):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_two_layer_model_trains(kind):
     torch.manual_seed(0)
-    model = models.Decoder(_cfg(kind, {"use_gate": True}))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = _ids(33, B=4)
-    losses = []
-    for _ in range(20):
-        opt.zero_grad(set_to_none=True)
-        loss = model(ids[:, :-1], labels=ids[:, 1:]).losses["ce"].value / (4 * 32)
-        loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        opt.step()
-        losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses))), losses
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    losses = train_losses(models.Decoder(_cfg(kind, {"use_gate": True})), _ids(33, B=4))
     assert losses[-1] < 0.8 * losses[0], losses
 
 

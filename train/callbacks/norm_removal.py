@@ -38,21 +38,20 @@ def expected_state(schedule: list[Switch], step: int, name: str) -> tuple[bool, 
 class NormRemoval(Callback):
     def __init__(self, schedule: list[Switch]):
         self.schedule = schedule
-        self.checked = False
+        self.norms: dict[str, RemovableNorm] | None = None    # found, and checked, on the first step
 
     def on_step_start(self, state: TrainState) -> None:
-        norms = removable_norms(state.model)
-        if not self.checked:
-            self._check(norms, state.step)
-            self.checked = True
-        for norm in norms.values():
+        if self.norms is None:
+            self.norms = removable_norms(state.model)
+            self._check(self.norms, state.step)
+        for norm in self.norms.values():
             norm.stats.zero_()
 
     def on_step_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         switches = [s for s in self.schedule if s.step == state.step]
         if not switches:
             return
-        norms = removable_norms(state.model)
+        norms = self.norms if self.norms is not None else removable_norms(state.model)
         for sw in switches:
             row = {"kind": "event", "event": "norm_switch", "step": state.step, "group": sw.group}
             if sw.group in FAKE_GROUPS:
