@@ -207,7 +207,9 @@ def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int 
         mixer_cfg = m.layers.mixers[letter]
         torch.manual_seed(cfg.seed)
         mixer = MIXERS.get(mixer_cfg.kind)(m, mixer_cfg, letters.index(letter)).to(device)
-        for form, T in itertools.product(getattr(mixer, "bench_forms", (None,)), seq_lens):
+        forms = getattr(mixer, "bench_forms", (None,))
+        timed: dict[tuple[str, int], float] = {}     # (kernel, T) -> seconds
+        for form, T in itertools.product(forms, seq_lens):
             if form is not None:             # a mixer with several forms (DeltaNet: chunk, recurrent)
                 mixer.form = form
             cos, sin = RotaryEmbedding(m.head_dim, T, m.rope_theta)(0, T, device)
@@ -223,8 +225,15 @@ def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int 
                 mixer.zero_grad(set_to_none=True)
 
             s = _seconds_per_call(fwd_bwd, steps, warmup, device)
+            kernel = getattr(mixer, "kernel", "")
+            timed[kernel, T] = s
             lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6} {s * 1e3:9.2f} ms  {B * T / s:12,.0f} tokens/s"
-                         f"  {getattr(mixer, 'kernel', '')}")
+                         f"  {kernel}")
+        if len(forms) > 1:         # the first form (training's) against each other, measured in this run
+            first, *others = dict.fromkeys(k for k, _ in timed)
+            for other, T in itertools.product(others, seq_lens):
+                lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6} {first} is "
+                             f"{timed[other, T] / timed[first, T]:.1f}x faster than {other}")
     return "\n".join(lines)
 
 

@@ -104,7 +104,10 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None
     past = x.new_zeros(B, K - 1, C) if state is None else state.to(x.dtype)
     xp = torch.cat([past, x], dim=1)                                    # (B, K - 1 + T, C)
     if doc_ids is None:
-        return F.conv1d(xp.transpose(1, 2), weight, groups=C).transpose(1, 2), xp[:, T:]
+        # as a (1, K) conv2d on (B, C, 1, T): the transposed view is channels-last there, which
+        # oneDNN takes as is; conv1d reorders it (measured on CPU: 2x to 4x slower, fwd + bwd)
+        y = F.conv2d(xp.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), groups=C)
+        return y.squeeze(2).transpose(1, 2), xp[:, T:]
     pos = position_in_document(doc_ids)[..., None]       # the same sum, tap by tap, each tap masked
     y = xp[:, K - 1:] * weight[:, 0, K - 1]
     for i in range(K - 1):

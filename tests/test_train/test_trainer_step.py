@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -174,4 +175,9 @@ def test_bench_times_train_step_through_the_backend_and_mixers(tiny_dict, capsys
     assert main(["bench", str(cfg_path), "--mixers", "--seq-lens", "16,32", "--steps", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert "A: attention    T=16" in out and "T=32" in out
+    # a mixer with two forms gets their ratio per length: DeltaNet's chunkwise against its recurrence
+    assert main(["bench", str(cfg_path), "model.layers.pattern=AD", "model.layers.mixers={A: {kind: attention}, D: {kind: deltanet}}",
+                 "--mixers", "--seq-lens", "16", "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"D: deltanet +T=16 +torch_chunk is [0-9.]+x faster than torch_recurrent", out), out
     assert main(["bench", str(cfg_path), "--mixers", "--seq-lens", "x"]) == 2
