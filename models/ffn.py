@@ -136,10 +136,11 @@ class GLU(ScaledOutput):
 
 @FFNS.register("fused_linear")
 class FusedLinearFFN(ScaledOutput):
+    """FuFFN: y = W x, W = W2 W1 of an activation-free MLP, stored as one d x d matrix."""
+
     # what reads the FFN-input norm, and the key that gives it a bias (models/norm_fold.py)
     norm_inputs = {"all": ("w",)}
     norm_input_bias_keys = {"w": "ffn.bias"}
-    """FuFFN: y = W x, W = W2 W1 of an activation-free MLP, stored as one d x d matrix."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()

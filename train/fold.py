@@ -37,11 +37,10 @@ def fold_run(run_dir: str | Path, step: int | str | None = "latest", out: str | 
     dest = Path(out) if out is not None else run.path.with_name(run.path.name + "-folded")
     if dest.resolve() == run.path.resolve():
         raise ConfigError("--out", "must differ from RUN_DIR (the source run is never modified)")
-    if dest.exists() and any(dest.iterdir()) and not force and not (dest / FOLD_RECORD).is_file():
-        raise ConfigError("--out", f"{dest} exists and is not a folded run (no {FOLD_RECORD}); pass --force to "
-                                   "replace it")
-    if dest.exists() and (dest / FOLD_RECORD).is_file() and not force:
-        raise ConfigError("--out", f"{dest} already holds a folded run; pass --force to replace it")
+    if dest.exists() and any(dest.iterdir()) and not force:
+        what = ("already holds a folded run" if (dest / FOLD_RECORD).is_file()
+                else f"exists and is not a folded run (no {FOLD_RECORD})")
+        raise ConfigError("--out", f"{dest} {what}; pass --force to replace it")
     try:
         folded = fold_norms(model)
     except FoldError as e:
@@ -52,8 +51,7 @@ def fold_run(run_dir: str | Path, step: int | str | None = "latest", out: str | 
     with torch.no_grad():
         err = (model(ids).logits - folded(ids).logits).abs().max().item()
 
-    new_cfg = cfg
-    new_cfg.model = folded.cfg
+    cfg.model = folded.cfg
     _, src = ckpt.find_checkpoint(run.checkpoints, found)
     trainer_state = torch.load(src / ckpt.TRAINER_STATE, weights_only=False)
     trainer_state.get("callbacks", {}).pop("norm_removal", None)
@@ -66,9 +64,9 @@ def fold_run(run_dir: str | Path, step: int | str | None = "latest", out: str | 
         records = {k: saved[k] for k in ("derived", "code_version") if k in saved}
         if "derived" in records:             # the removal section is gone, and what was derived for it
             records["derived"] = {k: v for k, v in records["derived"].items() if not k.startswith("model.norm.")}
-        folded_run.write_config(dump_config(new_cfg, records))
+        folded_run.write_config(dump_config(cfg, records))
         folded.train()
-        optimizer = build_optimizer(folded, new_cfg)
+        optimizer = build_optimizer(folded, cfg)
         ckpt.save_checkpoint(folded_run.checkpoints, found, folded, optimizer, trainer_state, rng)
         if run.tokenizer_dir.is_dir():
             shutil.copytree(run.tokenizer_dir, folded_run.tokenizer_dir)

@@ -100,7 +100,7 @@ def layer_linearity(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(decoder.blocks)]
     try:
         for _ in probe_forwards(model, batches, device, autocast):
-            pass
+            pass                    # the forward hooks collect
     finally:
         for h in handles:
             h.remove()

@@ -54,7 +54,7 @@ def ffn_sparsity(model: nn.Module, batches: list[dict[str, torch.Tensor]],
     handles = [a.register_forward_hook(hook(i)) for i, a in enumerate(acts) if a is not None]
     try:
         for _ in probe_forwards(model, batches, device, autocast):
-            pass
+            pass                    # the forward hooks collect
     finally:
         for h in handles:
             h.remove()

@@ -141,8 +141,8 @@ VALUES: dict[str, Any] = {
     "param.output_mult": _with_each_other_param_kind("param.output_mult", 2.0),
     "entropy_reg.weight": 1.0e-3,        # adds the learnable thresholds
     "entropy_reg.learn_threshold": Case({"entropy_reg.learn_threshold": False}, context={"entropy_reg.weight": 1.0e-3}),
-    "norm.removal": Case({"norm.removal": {}}),
-    "head_bias": Case({"head_bias": True}, context={"tie_embeddings": False}),     # a bias needs an untied head      # removable norms: their switch buffers, the v-path copy
+    "norm.removal": Case({"norm.removal": {}}),       # removable norms: their switch buffers, the v-path copy
+    "head_bias": Case({"head_bias": True}, context={"tie_embeddings": False}),     # a bias needs an untied head
 }
 
 # Overrides applied to both sides for every key with this prefix (what makes the key act at all).
