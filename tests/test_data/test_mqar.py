@@ -67,6 +67,20 @@ def test_fewer_queries_a_shorter_example_and_the_shuffled_control():
         assert set(y[pos].tolist()) <= set(answer.values())                    # but an in-context value
 
 
+def test_zeros_between_the_queries_keep_the_same_pairs_and_queries():
+    """random_non_queries: false (Zoology's figure-2 setting) only blanks the filler: the pairs,
+    the queried keys and the labels are those of the default example."""
+    idx = np.arange(8)
+    rand = prepare_data(mqar_cfg(), progress=False).train_samples(64, 0).batch(idx)
+    zero = prepare_data(mqar_cfg(random_non_queries=False), progress=False).train_samples(64, 0).batch(idx)
+    assert torch.equal(zero["labels"], rand["labels"])
+    kept = torch.zeros_like(rand["labels"], dtype=torch.bool)
+    kept[:, :16] = True                                          # the 8 pairs
+    kept |= rand["labels"] != IGNORE_INDEX                       # the query keys
+    assert torch.equal(zero["input_ids"][kept], rand["input_ids"][kept])
+    assert (zero["input_ids"][~kept] == 0).all() and (rand["input_ids"][~kept] != 0).float().mean() > 0.9
+
+
 def test_val_metrics_is_answer_accuracy():
     data = prepare_data(mqar_cfg(), progress=False)
     b = data.val_samples(64).batch(np.arange(4))

@@ -1,13 +1,14 @@
 """The `mqar` source: multi-query associative recall, a synthetic recall benchmark.
 
 Follows the construction of Zoology's MQAR (Arora et al., "Zoology: Measuring and Improving
-Recall in Efficient Language Models", arXiv 2312.04927; zoology/data/associative_recall.py):
-an example is `n_pairs` key-value pairs (k1 v1 k2 v2 ...), keys drawn without replacement from
-ids 1 .. key_vocab-1 and values from key_vocab .. vocab_size-1, then the rest of the sequence,
-where each query key sits at an even offset whose gap from the context is drawn from the power
-law p(g) ~ a g^(a-1) (`power_a`, small a: mostly short gaps), every other position a uniformly
-random token. Loss and accuracy are taken only at the query positions, whose target is the
-queried key's value (the label mask: -100 everywhere else).
+Recall in Efficient Language Models", arXiv 2312.04927; zoology/data/multiquery_ar.py in its
+repository): an example is `n_pairs` key-value pairs (k1 v1 k2 v2 ...), keys drawn without
+replacement from ids 1 .. key_vocab-1 and values from key_vocab .. vocab_size-1, then the rest
+of the sequence, where each query key sits at an even offset whose gap from the context is drawn
+from the power law p(g) ~ a g^(a-1) (`power_a`, small a: mostly short gaps), every other position
+a uniformly random token (`random_non_queries`, Zoology's default; false: 0, an id no key or
+value takes, as in the paper's figure 2). Loss and accuracy are taken only at the query
+positions, whose target is the queried key's value (the label mask: -100 everywhere else).
 
 Differences from Zoology (also in docs/data.md): sample i is a pure function of (data.seed, i)
 (Zoology draws a whole fixed set from one global seed), so training is an endless stream and
@@ -41,6 +42,7 @@ class MQARConfig:
     n_queries: int | None = None    # queried keys (distinct, <= n_pairs); null: every key (Zoology)
     seq_len: int | None = None      # tokens per example (<= data.seq_len; the rest is unlabelled padding); null: data.seq_len
     power_a: float = 0.01           # query gaps g ~ a g^(a-1) (Zoology's power_a): small a favours short gaps
+    random_non_queries: bool = True # the query region's other tokens uniformly random (Zoology's default); false: 0
     shuffle_keys: bool = False      # control: each query asks another pair's key, so only the value distribution is learnable
     val_examples: int = 256         # validation examples (a fixed set, drawn from its own stream)
 
@@ -58,7 +60,8 @@ def mqar_example(m: MQARConfig, seq_len: int, rng: np.random.Generator) -> tuple
     length = m.seq_len if m.seq_len is not None else seq_len
     keys = rng.choice(np.arange(1, split), size=n, replace=False)
     values = rng.choice(np.arange(split, m.vocab_size), size=n, replace=False)
-    ids = rng.integers(0, m.vocab_size, size=seq_len)            # Zoology's random non-queries
+    filler = rng.integers(0, m.vocab_size, size=seq_len)         # drawn either way: the same pairs and queries
+    ids = filler if m.random_non_queries else np.zeros(seq_len, dtype=np.int64)
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
     ids[0:2 * n:2], ids[1:2 * n:2] = keys, values
     space = (length - 2 * n) // 2                                 # even slots after the context
@@ -102,7 +105,7 @@ class MQARData:
     def __init__(self, m: MQARConfig, seed: int):
         self.m, self.seed, self.vocab_size = m, seed, m.vocab_size
         self.cache_key = (f"mqar-v{m.vocab_size}-k{m.split()}-p{m.n_pairs}-q{m.queries()}-T{m.seq_len}"
-                          f"-a{m.power_a}-s{int(m.shuffle_keys)}-seed{seed}")
+                          f"-a{m.power_a}-r{int(m.random_non_queries)}-s{int(m.shuffle_keys)}-seed{seed}")
 
     def train_samples(self, seq_len: int, seed: int) -> MQARSamples:
         return MQARSamples(self.m, seq_len, seed, TRAIN_STREAM)
