@@ -45,14 +45,14 @@ class Arm:
     arm: str                                         # the manifest's arm name (else the name)
     cell: dict[str, Any] = field(default_factory=dict)   # the manifest's grid values (sweeps)
     config: dict[str, Any] = field(default_factory=dict)  # the defining flat config
-    differs: dict[str, Any] = field(default_factory=dict)  # its values of the keys arms differ in
+    differs: dict[str, Any] = field(default_factory=dict)  # its values of the keys arms differ in, those it has
 
     @property
     def seeds(self) -> list[Any]:
         return [r.seed for r in self.runs]
 
 
-def _short(key: str, keys: list[str]) -> str:
+def short_key(key: str, keys: list[str]) -> str:
     """The shortest dotted tail of `key` that no other key in `keys` ends with."""
     parts = key.split(".")
     for n in range(1, len(parts) + 1):
@@ -103,11 +103,12 @@ def group(runs: list[Run]) -> list[Arm]:
         if named is not None:
             name, cell, arm = named[0], named[1], str(rs[0].entry["arm"])
         else:                                        # a short name, else the run's own
-            name = ",".join(f"{_short(k, differing)}={_value(v)}" for k, v in differs.items())
+            name = ",".join(f"{short_key(k, differing)}={_value(v)}" for k, v in differs.items())
             if not name or len(differing) > MAX_NAME_KEYS:
                 name = str(rs[0].flat.get("name") or rs[0].label)
             cell, arm = {}, name
-        arms.append(Arm(name, rs, arm, cell, cfg, {k: (None if v is _ABSENT else v) for k, v in differs.items()}))
+        # keys the arm lacks (another arm's mixer letter, say) are left out: what it has says what it is
+        arms.append(Arm(name, rs, arm, cell, cfg, {k: v for k, v in differs.items() if v is not _ABSENT}))
     used: dict[str, int] = {}
     for a in arms:                                   # names are keys: keep them unique
         used[a.name] = used.get(a.name, 0) + 1

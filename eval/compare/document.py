@@ -8,6 +8,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+from eval.compare.arms import short_key
 from eval.compare.report import Comparison
 
 DASH = "—"
@@ -108,10 +109,11 @@ def build_doc(c: Comparison, images: dict[str, bytes] | None = None) -> Doc:
         d.items([f"{m['kind']}: {m['text']}" for m in c.messages])
 
     d.h(2, "Arms")
+    keys = sorted({k for a in c.arms for k in a.config})     # each key by its shortest tail no other key has
     d.table(["arm", "n", "seeds", "done", "tokens", data["metric_label"], "config"],
             [[name, str(len(a["runs"])), ", ".join(str(r["seed"]) for r in a["runs"]),
               f"{sum(r['status'] == 'done' for r in a['runs'])}/{len(a['runs'])}", count(a["tokens"]["mean"]),
-              summary(a["metric"]), ", ".join(f"{k}={v}" for k, v in a["differs"].items()) or DASH]
+              summary(a["metric"]), ", ".join(f"{short_key(k, keys)}={v}" for k, v in a["differs"].items()) or DASH]
              for name, a in arms.items()])
 
     if data["comparisons"]:

@@ -225,6 +225,23 @@ def test_ad_hoc_arms_are_named_by_their_differing_keys(tmp_path):
     assert cmp["arm"] == "n_layers=2,lr=0.003" and cmp["diff"] == pytest.approx(0.1)
 
 
+def test_arm_config_lists_the_keys_it_has_by_their_shortest_tails(tmp_path):
+    """Arms with different mixer letters: each lists only its own letters' keys (no `=None` for a
+    letter it lacks), each key by the shortest tail no other config key has."""
+    attn = {"model.layers": {"pattern": "A", "mixers": {"A": {"kind": "attention", "window": None}}}}
+    local = {"model.layers": {"pattern": "LA", "mixers": {"L": {"kind": "attention", "window": 3},
+                                                          "A": {"kind": "attention", "window": None}}}}
+    root = make_sweep(tmp_path / "mx", {"attn": attn, "local": local},
+                      [(arm, {}, s, {10: 3.0 - s / 10}) for arm in ("attn", "local") for s in range(2)])
+    data = build([root]).data
+    assert data["arms"]["attn"]["differs"] == {"model.layers.pattern": "A"}
+    assert data["arms"]["local"]["differs"] == {"model.layers.mixers.L.kind": "attention",
+                                                "model.layers.mixers.L.window": 3, "model.layers.pattern": "LA"}
+    assert main(["compare", str(root)]) == 0
+    md = (root / "report" / "report.md").read_text()
+    assert "| pattern=A |" in md and "| L.kind=attention, L.window=3, pattern=LA |" in md
+
+
 # ----------------------------------------------------------------------------- warnings
 def test_report_flags_unfinished_single_seed_budgets_and_missing_evals(tmp_path, capsys):
     ev = [{"kind": "eval", "step": 10, "task": "hellaswag", "metric": "acc", "value": v, "stderr": 0.01,
