@@ -8,7 +8,7 @@ are computed on an explicit side path from the same q and k (the SDPA output is 
 only when asked: `want_stats` (the probe) or a training forward with `model.entropy_reg.weight`.
 
 Regulariser, per layer l, head h and query row i with E_max = log(T) (T keys, as the reference
-code): delta = E - theta_h E_max, pen = delta^2 [|delta| > margin E_max]; the loss is `weight` x
+code; a sliding-window layer's rows see at most `window` keys: log(min(T, window))): delta = E - theta_h E_max, pen = delta^2 [|delta| > margin E_max]; the loss is `weight` x
 the mean of pen over (layer, head, batch, position). The reference sums over batch and
 positions, so weight_ours = weight_paper x B x T gives its numbers.
 """
@@ -41,6 +41,15 @@ def row_entropy(p: torch.Tensor) -> torch.Tensor:
 def causal_max_entropy(T: int, S: int, device: torch.device) -> torch.Tensor:
     """log(number of keys each of the T queries sees) for a causal row over S keys: log(t + 1)."""
     return torch.log(torch.arange(S - T + 1, S + 1, device=device, dtype=torch.float64))
+
+
+def max_entropy(mask: torch.Tensor | None, T: int, S: int, device: torch.device) -> torch.Tensor:
+    """The mean over rows of log(keys the row may attend to): the entropy of uniform rows. `mask`
+    as for attention_probs (a window or document mask counts its own keys); None: causal."""
+    if mask is None:
+        return causal_max_entropy(T, S, device).mean()
+    keys = mask.expand(*mask.shape[:-2], T, S).sum(-1).clamp_min(1)
+    return torch.log(keys.to(torch.float64)).mean()
 
 
 def entropy_penalty(entropy: torch.Tensor, theta: torch.Tensor, margin: float, n_keys: int) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""The attention entropy probe: each attention head's mean row entropy, per layer, against the
-causal maximum log(t+1) (a uniform row over the t+1 keys a query sees). LN-free models show
+"""The attention entropy probe: each attention head's mean row entropy, per layer, against its
+maximum, that of a uniform row over the keys a query sees (log(t+1) causal; log min(t+1, w) in a
+window of w; counted within the document under `model.doc_mask`). LN-free models show
 "entropic overload" (early heads near the maximum) and "entropy collapse" (deep heads near 0):
 "ReLU's Revival" and "Entropy-Guided Attention for Private LLMs" (Jha & Reagen, arXiv 2410.09637,
 2501.03489). The entropies come from the attention modules' side path (`want_stats`,
 models/entropy.py), so the fused kernel's output is untouched.
 
-- `attention_entropy(model, batches)`: {layer: (mean entropy per head, mean causal maximum)}
+- `attention_entropy(model, batches)`: {layer: (mean entropy per head, mean maximum)}
 - `entropy_rows(...)`: long-format `probe` rows (probe `entropy`, layer, head, value, max)
 - `EntropyProbe`: those rows every `train.probe_every` steps, on the first validation batch
 """
@@ -26,23 +27,23 @@ PROBE = "entropy"
 @torch.no_grad()
 def attention_entropy(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device | str | None = None,
                       autocast: Callable[[], ContextManager] | None = None) -> dict[int, tuple[list[float], float]]:
-    """{layer: ([mean row entropy of each head], mean log(t+1))} over `batches`, in eval mode (every
+    """{layer: ([mean row entropy of each head], mean maximum)} over `batches`, in eval mode (every
     rank must call it under FSDP). The model's train/eval mode is restored."""
     sums: dict[int, torch.Tensor] = {}
-    maxima: dict[int, float] = {}
+    maxima: dict[int, float] = {}        # summed over batches too: document masks differ by batch
     for out in probe_forwards(model, batches, probe_device(model, device), autocast, want_stats=True):
         for layer, value in out.stats.get("attn_entropy", {}).items():
             sums[layer] = sums.get(layer, 0) + value.double()
-            maxima[layer] = float(out.stats["attn_entropy_max"][layer])
+            maxima[layer] = maxima.get(layer, 0.0) + float(out.stats["attn_entropy_max"][layer])
     n = max(len(batches), 1)
-    return {layer: ((s / n).tolist(), maxima[layer]) for layer, s in sorted(sums.items())}
+    return {layer: ((s / n).tolist(), maxima[layer] / n) for layer, s in sorted(sums.items())}
 
 
 def entropy_rows(model: nn.Module, batches: list[dict[str, torch.Tensor]], step: int,
                  device: torch.device | str | None = None,
                  autocast: Callable[[], ContextManager] | None = None) -> list[dict[str, Any]]:
     """One `probe` row per (attention layer, head): `value` its mean row entropy (nats), `max` the
-    mean causal maximum log(t+1) over the same rows."""
+    mean maximum over the same rows (log(t+1) for a causal row)."""
     return [{"kind": "probe", "step": step, "probe": PROBE, "layer": layer, "head": h, "value": v, "max": m}
             for layer, (heads, m) in attention_entropy(model, batches, device, autocast).items()
             for h, v in enumerate(heads)]

@@ -16,7 +16,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.context import Aux, LossTerm, MixerContext
-from models.entropy import attention_probs, causal_max_entropy, entropy_penalty, row_entropy
+from models.entropy import attention_probs, entropy_penalty, max_entropy, row_entropy
 from models.norms import RMSNorm
 from models.parameterization import build_parameterization
 from models.registry import MIXERS
@@ -257,9 +257,10 @@ class Attention(nn.Module):
         aux = Aux({}, {})
         if ctx.want_stats:
             aux.stats["attn_entropy"] = entropy.detach().mean(dim=(0, 2))        # per head
-            aux.stats["attn_entropy_max"] = causal_max_entropy(T, S, x.device).mean().to(entropy.dtype)
+            aux.stats["attn_entropy_max"] = max_entropy(mask, T, S, x.device).to(entropy.dtype)
         if regularise:
-            pen = entropy_penalty(entropy, torch.sigmoid(self.ereg_theta), self.ereg_margin, S)
+            n_keys = S if self.window is None else min(S, self.window)     # E_max: a full row's keys
+            pen = entropy_penalty(entropy, torch.sigmoid(self.ereg_theta), self.ereg_margin, n_keys)
             aux.losses["entropy_reg"] = LossTerm(self.ereg_weight * pen / self.ereg_layers, "mean")
         return out, aux
 

@@ -61,20 +61,22 @@ def _attention(cfg_extra: dict, mixer: dict | None = None) -> tuple[Attention, M
 
 
 @torch.no_grad()
-def _explicit_penalty(attn: Attention, ctx: MixerContext, x: torch.Tensor, margin: float) -> float:
-    """The regulariser by loops: entropy of each causal row of softmax(q k^T / sqrt(dh)), then
-    delta^2 outside the margin, averaged over batch, head and position."""
+def _explicit_penalty(attn: Attention, ctx: MixerContext, x: torch.Tensor, margin: float,
+                      window: int | None = None) -> float:
+    """The regulariser by loops: entropy of each causal row of softmax(q k^T / sqrt(dh)) (over the
+    last `window` keys), then delta^2 outside the margin, averaged over batch, head and position."""
     from models.rope import apply_rope
     B, T, _ = x.shape
     H, dh = attn.n_heads, attn.head_dim
     q = apply_rope(attn.wq(x).view(B, T, H, dh), ctx.cos, ctx.sin)
     k = apply_rope(attn.wk(x).view(B, T, H, dh), ctx.cos, ctx.sin)
     theta = torch.sigmoid(attn.ereg_theta)
-    e_max, total = math.log(T), 0.0
+    e_max, total = math.log(min(T, window or T)), 0.0
     for b in range(B):
         for h in range(H):
             for i in range(T):
-                s = torch.stack([q[b, i, h] @ k[b, j, h] / math.sqrt(dh) for j in range(i + 1)])
+                first = 0 if window is None else max(0, i - window + 1)
+                s = torch.stack([q[b, i, h] @ k[b, j, h] / math.sqrt(dh) for j in range(first, i + 1)])
                 p = torch.softmax(s, 0)
                 ent = float(-(p * p.log()).sum())
                 delta = ent - float(theta[h]) * e_max
@@ -96,6 +98,24 @@ def test_entropy_regulariser_matches_loops_and_reaches_logits_and_thresholds():
     # SDPA's output is the same as without the side path
     attn.eval()
     torch.testing.assert_close(attn(x, ctx), y.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_windowed_layer_has_its_own_maximum_entropy():
+    """A window-3 layer's rows see at most 3 keys: uniform rows are at the probe's maximum
+    (log min(t+1, 3), not log(t+1)), and the regulariser's E_max is log 3."""
+    attn, ctx, x = _attention({"entropy_reg": {"weight": 0.5, "margin": 0.05}}, {"window": 3})
+    attn.train()
+    _, aux = attn(x, ctx)
+    expected = 0.5 * _explicit_penalty(attn, ctx, x, 0.05, window=3) / 2
+    assert expected > 0 and math.isclose(float(aux.losses["entropy_reg"].value.detach()), expected, rel_tol=1e-10)
+    with torch.no_grad():
+        attn.wq.weight.zero_()                                   # zero scores: uniform rows
+    attn.eval()
+    _, aux = attn(x, MixerContext(start=0, cos=ctx.cos, sin=ctx.sin, want_stats=True))
+    uniform = sum(math.log(min(t + 1, 3)) for t in range(8)) / 8
+    assert math.isclose(float(aux.stats["attn_entropy_max"]), uniform, rel_tol=1e-12)
+    torch.testing.assert_close(aux.stats["attn_entropy"], torch.full((attn.n_heads,), uniform, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_no_penalty_and_no_threshold_gradient_inside_the_margin():
