@@ -98,7 +98,10 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None
 
     x (B, T, C); state: the previous call's last K-1 inputs (decoding; zeros when None). With
     doc_ids no tap reaches into the previous document (a masked sum of shifted copies, as
-    F.conv1d cannot mask per output). Returns (y, the last K-1 inputs)."""
+    F.conv1d cannot mask per output); not with a state, which the mask would drop. Returns (y,
+    the last K-1 inputs)."""
+    if state is not None and doc_ids is not None:
+        raise ValueError("short_conv: a decode state and doc_ids do not combine (decoding runs without doc_mask)")
     B, T, C = x.shape
     K = weight.shape[-1]
     past = x.new_zeros(B, K - 1, C) if state is None else state.to(x.dtype)

@@ -52,6 +52,9 @@ def test_sample_i_is_a_pure_function_of_seed_and_index():
     assert not torch.equal(other["input_ids"], b["input_ids"])
     val = data.val_samples(64).batch(np.array([7]))
     assert not torch.equal(val["input_ids"], b["input_ids"])                 # its own stream
+    neg = data.train_samples(64, -1).batch(np.array([7]))                    # a negative seed is a seed too
+    assert not torch.equal(neg["input_ids"], other["input_ids"])
+    assert torch.equal(neg["input_ids"], data.train_samples(64, -1).batch(np.array([7]))["input_ids"])
 
 
 def test_fewer_queries_a_shorter_example_and_the_shuffled_control():
@@ -97,6 +100,8 @@ def test_val_metrics_is_answer_accuracy():
     ({"n_pairs": 8, "vocab_size": 16}, "data.mqar.n_pairs", "distinct keys"),
     ({"seq_len": 80}, "data.mqar.seq_len", "data.seq_len=64"),
     ({"power_a": 0.0}, "data.mqar.power_a", "> 0"),
+    ({"vocab_size": 3, "n_pairs": 1}, "data.mqar.vocab_size", ">= 4"),      # the default split: the key not set
+    ({"vocab_size": 16, "key_vocab": 16, "n_pairs": 1}, "data.mqar.key_vocab", "vocab_size-1=15"),
 ])
 def test_bad_shapes_name_the_key(mqar, key, match):
     with pytest.raises(DataError, match=match) as e:

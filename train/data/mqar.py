@@ -79,7 +79,7 @@ def mqar_example(m: MQARConfig, seq_len: int, rng: np.random.Generator) -> tuple
 
 
 class MQARSamples:
-    """Examples by index: example i is drawn from np.random.default_rng([seed, stream, i])."""
+    """Examples by index: example i is drawn from np.random.default_rng([seed, stream, i]) (`words`)."""
 
     def __init__(self, m: MQARConfig, seq_len: int, seed: int, stream: int, n: int | None = None):
         self.m, self.seq_len, self.seed, self.stream, self.n = m, seq_len, seed, stream, n
@@ -87,9 +87,13 @@ class MQARSamples:
     def __len__(self) -> int:
         return self.n if self.n is not None else 1 << 62
 
+    def words(self, i: int) -> list[int]:
+        """The generator seed of example i; SeedSequence takes no negative word, so a negative
+        seed is its absolute value with a fourth word."""
+        return [self.seed, self.stream, i] if self.seed >= 0 else [-self.seed, self.stream, i, 1]
+
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        rows = [mqar_example(self.m, self.seq_len, np.random.default_rng([self.seed, self.stream, int(i)]))
-                for i in indices.tolist()]
+        rows = [mqar_example(self.m, self.seq_len, np.random.default_rng(self.words(i))) for i in indices.tolist()]
         ids = torch.from_numpy(np.stack([r[0] for r in rows]))
         labels = torch.from_numpy(np.stack([r[1] for r in rows]))
         return {"input_ids": ids, "labels": labels, "doc_ids": torch.zeros_like(ids),
@@ -137,6 +141,9 @@ class MQAR(DataSource):
             raise DataError(f"{key}.n_queries", f"must be in 1 .. n_pairs={m.n_pairs} (each query asks a "
                             f"distinct key), got {m.n_queries}")
         split = m.split()
+        if m.key_vocab is None and m.vocab_size < 4:
+            raise DataError(f"{key}.vocab_size", f"must be >= 4 (key ids from 1, then values, split at half the "
+                            f"vocabulary), got {m.vocab_size}")
         if not 2 <= split < m.vocab_size:
             raise DataError(f"{key}.key_vocab", f"must be in 2 .. vocab_size-1={m.vocab_size - 1}, got {split}")
         if split - 1 < m.n_pairs:
