@@ -166,6 +166,18 @@ def test_at_step_and_tokens_pick_the_row_at_or_before(sweep):
     assert build([sweep], at="step=10").data["arms"]["baseline"]["metric"]["mean"] == pytest.approx(3.1)
 
 
+def test_an_arm_with_identical_seeds_is_tested_without_scipy_warnings():
+    """Both seeds at the same accuracy (its variance exactly 0): scipy's precision-loss warning
+    is noise there, and the numbers are Welch's with that side's variance 0."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = stats.welch([0.9971, 0.9976], [0.1265, 0.1265])
+        p = stats.paired({0: 0.9971, 1: 0.9976}, {0: 0.1265, 1: 0.1265})
+    assert w["sem"] == pytest.approx(0.00025) and w["df"] == pytest.approx(1.0) and w["p"] < 0.001
+    assert p["diff"] == pytest.approx(0.87085) and p["p"] == pytest.approx(w["p"])
+
+
 # ----------------------------------------------------------------------------- grouping
 def _arms(tmp_path, variants: list[tuple[dict, dict | None]], manifest: dict | None = None) -> int:
     """The number of arms for two seeds of BASE and one run per variant (overrides, derived)."""
