@@ -8,9 +8,10 @@ are computed on an explicit side path from the same q and k (the SDPA output is 
 only when asked: `want_stats` (the probe) or a training forward with `model.entropy_reg.weight`.
 
 Regulariser, per layer l, head h and query row i with E_max = log(T) (T keys, as the reference
-code; a sliding-window layer's rows see at most `window` keys: log(min(T, window))): delta = E - theta_h E_max, pen = delta^2 [|delta| > margin E_max]; the loss is `weight` x
-the mean of pen over (layer, head, batch, position). The reference sums over batch and
-positions, so weight_ours = weight_paper x B x T gives its numbers.
+code; a sliding-window layer's rows see at most `window` keys: log(min(T, window))): delta = E -
+theta_h E_max, pen = delta^2 [|delta| > margin E_max]; the loss is `weight` x the mean of pen
+over (layer, head, batch, position). The reference sums over batch and positions, so
+weight_ours = weight_paper x B x T gives its numbers.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import base64
 import copy
 import json
 import math
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -169,7 +170,6 @@ def test_at_step_and_tokens_pick_the_row_at_or_before(sweep):
 def test_an_arm_with_identical_seeds_is_tested_without_scipy_warnings():
     """Both seeds at the same accuracy (its variance exactly 0): scipy's precision-loss warning
     is noise there, and the numbers are Welch's with that side's variance 0."""
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         w = stats.welch([0.9971, 0.9976], [0.1265, 0.1265])
