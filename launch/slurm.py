@@ -227,10 +227,11 @@ def local_env(run_dir: Path, job_id: str, task: int | None = None) -> dict[str, 
     return env
 
 
-def run_local(script: Path, run_dir: Path, task: int | None = None, max_requeues: int = 100) -> int:
+def run_local(script: Path, run_dir: Path, task: int | None = None, max_requeues: int = 100,
+              extra_env: dict[str, str] | None = None) -> int:
     """Run a rendered job script on this host through the shims (launch/shim/srun, scontrol): the
     trap and requeue logic is the one Slurm runs. A requeue (the shim records it) reruns the
-    script; returns the last exit status."""
+    script; returns the last exit status. `extra_env` is added to the job's environment."""
     run = RunDir(run_dir)
     job_id = f"local-{int(time.time())}"
     record_job(run, job_id)
@@ -239,7 +240,7 @@ def run_local(script: Path, run_dir: Path, task: int | None = None, max_requeues
     rc = 0
     for restart in range(max_requeues + 1):
         flag.unlink(missing_ok=True)
-        env = {**local_env(run.path, job_id, task), "SLURM_RESTART_COUNT": str(restart)}
+        env = {**local_env(run.path, job_id, task), **(extra_env or {}), "SLURM_RESTART_COUNT": str(restart)}
         with open(log, "a") as out:
             rc = subprocess.run(["bash", str(script)], env=env, stdout=out, stderr=subprocess.STDOUT).returncode
         if not flag.exists():
@@ -268,6 +269,17 @@ RUN_DIR=${{RUNS[$SLURM_ARRAY_TASK_ID]}}
 export PYTHONPATH="$RUN_DIR/code${{PYTHONPATH:+:$PYTHONPATH}}"
 exec {python} -m train.cli eval "$RUN_DIR" --tasks {shlex.quote(tasks)}
 """
+
+
+def local_threads(parallel: int) -> dict[str, str]:
+    """OMP_NUM_THREADS for `parallel` runs sharing this host: its CPUs split evenly. torchrun sets
+    it only for several processes per node, so without this each run of a `--local --parallel K`
+    sweep takes every core and K of them oversubscribe the machine (two 2-thread trainings on 2
+    cores ran at a quarter of their speed). Nothing is set for one run, or when the caller set it."""
+    if parallel <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, cpus // parallel))}
 
 
 def launch_sweep(path: str | Path, opts: SlurmOptions | None, *, local_parallel: int | None = None,
@@ -321,10 +333,12 @@ def launch_sweep(path: str | Path, opts: SlurmOptions | None, *, local_parallel:
     if dry_run:
         return out
     nproc = 1
+    threads = local_threads(local_parallel or 1)
 
     def one(r: Any) -> int:
         run = RunDir(r.dir)
-        return run_local(run_script(r.cfg, SlurmOptions(nodes=1, nproc_per_node=nproc), run), run.path)
+        return run_local(run_script(r.cfg, SlurmOptions(nodes=1, nproc_per_node=nproc), run), run.path,
+                         extra_env=threads)
 
     with ThreadPoolExecutor(max_workers=local_parallel or 1) as pool:
         codes = list(pool.map(one, todo))

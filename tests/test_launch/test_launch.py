@@ -184,3 +184,21 @@ def test_dry_run_renders_the_job_script(launch_dict, tmp_path):
     assert not re.search(r"{{\w+}}", script)                           # every placeholder filled
     assert (tmp_path / "r" / "code" / "train" / "trainer.py").exists()
     assert (tmp_path / "r" / "code" / "code_version.json").exists()
+
+
+def test_local_sweep_splits_the_cpus_between_parallel_runs(launch_dict, tmp_path, monkeypatch):
+    """`--local --parallel K` gives each run OMP_NUM_THREADS = CPUs // K (torchrun sets it only
+    for several processes a node), unless the caller set it; one run at a time sets nothing."""
+    import launch.slurm as slurm
+    write_config(tmp_path / "c.yaml", launch_dict)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "thr", "base": "c.yaml", "arms": {"a": {}, "b": {"optim.lr": 1e-3}}}))
+    seen: list[dict | None] = []
+    monkeypatch.setattr(slurm, "run_local", lambda script, run_dir, extra_env=None: seen.append(extra_env) or 0)
+    monkeypatch.setattr(slurm.os, "sched_getaffinity", lambda pid: set(range(5)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    out = slurm.launch_sweep(sweep, None, local_parallel=2, runs_root=tmp_path / "sweeps")
+    assert out["codes"] == [0, 0] and seen == [{"OMP_NUM_THREADS": "2"}] * 2
+    assert slurm.local_threads(1) == {} and slurm.local_threads(8) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert slurm.local_threads(2) == {}
