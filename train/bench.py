@@ -208,7 +208,8 @@ def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int 
         torch.manual_seed(cfg.seed)
         mixer = MIXERS.get(mixer_cfg.kind)(m, mixer_cfg, letters.index(letter)).to(device)
         forms = getattr(mixer, "bench_forms", (None,))
-        timed: dict[tuple[str, int], float] = {}     # (kernel, T) -> seconds
+        timed: dict[tuple[str, int], float] = {}     # (kernel, T) -> seconds, the whole layer
+        cores: dict[tuple[str, int], float] = {}     # the same for its core alone (bench_core)
         for form, T in itertools.product(forms, seq_lens):
             if form is not None:             # a mixer with several forms (DeltaNet: chunk, recurrent)
                 mixer.form = form
@@ -229,11 +230,17 @@ def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int 
             timed[kernel, T] = s
             lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6} {s * 1e3:9.2f} ms  {B * T / s:12,.0f} tokens/s"
                          f"  {kernel}")
+            if hasattr(mixer, "bench_core"):       # the form's core alone, without the shared layers
+                s = _seconds_per_call(mixer.bench_core(B, T, device), steps, warmup, device)
+                cores[kernel, T] = s
+                lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6} {s * 1e3:9.2f} ms  "
+                             f"{B * T / s:12,.0f} tokens/s  {kernel} core alone")
         if len(forms) > 1:         # the first form (training's) against each other, measured in this run
             first, *others = dict.fromkeys(k for k, _ in timed)
-            for other, T in itertools.product(others, seq_lens):
-                lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6} {first} is "
-                             f"{timed[other, T] / timed[first, T]:.1f}x faster than {other}")
+            for (label, t), other, T in itertools.product(((" ", timed), (" core alone: ", cores)), others, seq_lens):
+                if t:
+                    lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6}{label}{first} is "
+                                 f"{t[other, T] / t[first, T]:.1f}x faster than {other}")
     return "\n".join(lines)
 
 

@@ -227,6 +227,29 @@ class DeltaNet(nn.Module):
             cache.state = state
         return o.transpose(1, 2)
 
+    def bench_core(self, B: int, T: int, device: torch.device) -> Callable[[], None]:
+        """Forward + backward of the current form's delta rule alone, on random inputs shaped as
+        the layer makes them ((B, H, T, dh), q and k L2-normalised, beta in (0, 1)). `ablate bench
+        --mixers` times it beside the whole layer, whose rows also pay for the projections, conv
+        and norm both forms share."""
+        g = torch.Generator().manual_seed(0)
+        shape = (B, self.n_heads, T, self.head_dim)
+        q = _l2norm(torch.randn(shape, generator=g)) * self.head_dim ** -0.5
+        k = _l2norm(torch.randn(shape, generator=g))
+        v, beta = torch.randn(shape, generator=g), torch.rand(shape[:3], generator=g)
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v, beta)]
+        grad = torch.randn(shape, generator=g).to(device)
+
+        def fwd_bwd() -> None:
+            if self.form == "recurrent":
+                o, _ = delta_rule_recurrent(*leaves)
+            else:
+                o, _ = delta_rule_chunkwise(*leaves, self.chunk_size)
+            o.backward(grad)
+            for t in leaves:
+                t.grad = None
+        return fwd_bwd
+
     def _fla(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
              doc_ids: torch.Tensor | None) -> torch.Tensor:
         """fla's chunk kernel on (B, T, H, dh); it takes no fp32, so fp32 (or wider) inputs go in
