@@ -272,10 +272,11 @@ exec {python} -m train.cli eval "$RUN_DIR" --tasks {shlex.quote(tasks)}
 
 
 def local_threads(parallel: int) -> dict[str, str]:
-    """OMP_NUM_THREADS for `parallel` runs sharing this host: its CPUs split evenly. torchrun sets
-    it only for several processes per node, so without this each run of a `--local --parallel K`
-    sweep takes every core and K of them oversubscribe the machine (two 2-thread trainings on 2
-    cores ran at a quarter of their speed). Nothing is set for one run, or when the caller set it."""
+    """OMP_NUM_THREADS for `parallel` runs sharing this host: the CPUs this process may use split
+    evenly (a cgroup CPU quota is not seen). torchrun sets it only for several processes per node,
+    so without this each run of a `--local --parallel K` sweep takes every core and K of them
+    oversubscribe the machine (two 2-thread trainings on 2 cores ran at an eighth of their speed,
+    5k against 40k tokens/s). Nothing is set for one run, or when the caller set it."""
     if parallel <= 1 or "OMP_NUM_THREADS" in os.environ:
         return {}
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -333,7 +334,7 @@ def launch_sweep(path: str | Path, opts: SlurmOptions | None, *, local_parallel:
     if dry_run:
         return out
     nproc = 1
-    threads = local_threads(local_parallel or 1)
+    threads = local_threads(min(local_parallel or 1, len(todo)))      # fewer runs than slots: more each
 
     def one(r: Any) -> int:
         run = RunDir(r.dir)

@@ -228,23 +228,24 @@ class DeltaNet(nn.Module):
         return o.transpose(1, 2)
 
     def bench_core(self, B: int, T: int, device: torch.device) -> Callable[[], None]:
-        """Forward + backward of the current form's delta rule alone, on random inputs shaped as
-        the layer makes them ((B, H, T, dh), q and k L2-normalised, beta in (0, 1)). `ablate bench
-        --mixers` times it beside the whole layer, whose rows also pay for the projections, conv
-        and norm both forms share."""
+        """Forward + backward of the current form's core alone: the call the layer's forward makes
+        after its projections (fla's kernel where the layer would take it), on random inputs in
+        the layer's layout ((B, T, H, dh), q and k L2-normalised, beta in (0, beta_scale)) and
+        dtype (bf16 on CUDA, as under autocast). `ablate bench --mixers` times it beside the
+        whole layer, whose rows also pay for the projections, conv and norm both forms share."""
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         g = torch.Generator().manual_seed(0)
-        shape = (B, self.n_heads, T, self.head_dim)
+        shape = (B, T, self.n_heads, self.head_dim)
         q = _l2norm(torch.randn(shape, generator=g)) * self.head_dim ** -0.5
         k = _l2norm(torch.randn(shape, generator=g))
-        v, beta = torch.randn(shape, generator=g), torch.rand(shape[:3], generator=g)
-        leaves = [t.to(device).requires_grad_() for t in (q, k, v, beta)]
-        grad = torch.randn(shape, generator=g).to(device)
+        v, beta = torch.randn(shape, generator=g), torch.rand(shape[:3], generator=g) * self.beta_scale
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v, beta)]
+        grad = torch.randn(shape, generator=g).to(device, dtype)
+        use_fla = self._use_fla(leaves[0])
 
         def fwd_bwd() -> None:
-            if self.form == "recurrent":
-                o, _ = delta_rule_recurrent(*leaves)
-            else:
-                o, _ = delta_rule_chunkwise(*leaves, self.chunk_size)
+            q, k, v, beta = leaves
+            o = self._fla(q, k, v, beta, None) if use_fla else self._torch(q, k, v, beta, None, None)
             o.backward(grad)
             for t in leaves:
                 t.grad = None

@@ -199,6 +199,15 @@ def test_local_sweep_splits_the_cpus_between_parallel_runs(launch_dict, tmp_path
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     out = slurm.launch_sweep(sweep, None, local_parallel=2, runs_root=tmp_path / "sweeps")
     assert out["codes"] == [0, 0] and seen == [{"OMP_NUM_THREADS": "2"}] * 2
+    slurm.launch_sweep(sweep, None, local_parallel=8, runs_root=tmp_path / "sweeps")   # 2 runs: 2 slots
+    assert seen[2:] == [{"OMP_NUM_THREADS": "2"}] * 2
     assert slurm.local_threads(1) == {} and slurm.local_threads(8) == {"OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert slurm.local_threads(2) == {}
+    monkeypatch.undo()                     # the real run_local: the job script sees extra_env
+    run = tmp_path / "run"
+    (run / "slurm").mkdir(parents=True)
+    script = tmp_path / "job.sh"
+    script.write_text(f'echo "$OMP_NUM_THREADS" > {run / "threads"}\n')
+    assert slurm.run_local(script, run, extra_env={"OMP_NUM_THREADS": "7"}) == 0
+    assert (run / "threads").read_text().strip() == "7"
