@@ -392,7 +392,9 @@ class Trainer:
                            "memory_values": counts.memory_values},
                 "flops_per_token": flops_per_token(model, cfg.data.seq_len), "seq_len": cfg.data.seq_len,
                 "param_kind": cfg.model.param.kind, "device": str(self.device), "world_size": self.info.world_size,
-                "dtype": dtype, "layers": model.layer_summary()}
+                "dtype": dtype, "layers": model.layer_summary(),
+                # CPU fp32 results depend on the intra-op thread count (a --parallel sweep splits the cores)
+                "cpu_threads": torch.get_num_threads()}
 
     def _resume(self, sources: list[Path]) -> tuple[Path | None, int, list[dict[str, Any]]]:
         """Load the first of `sources` that verifies and loads; returns (its path or None, the

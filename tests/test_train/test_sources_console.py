@@ -176,6 +176,7 @@ def test_model_event_at_each_segment_start(recall_run):
     assert p["total"] == p["embedding"] + p["non_embedding"] and p["memory_values"] == 0 and p["matmul"] > 0
     assert e["flops_per_token"] > 6 * p["matmul"] and e["seq_len"] == 32 and e["world_size"] == 1
     assert (e["param_kind"], e["device"], e["dtype"]) == ("sp", "cpu", "fp32")
+    assert isinstance(e["cpu_threads"], int) and e["cpu_threads"] >= 1
     assert e["layers"] == [{"layer": i, "mixer": "attention", "kernel": "sdpa_causal", "ffn": "glu/swiglu"}
                            for i in range(2)]
 
