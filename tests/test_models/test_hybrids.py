@@ -1,7 +1,8 @@
 """Hybrid layer patterns (the two hybrids of arXiv 2406.06484 build the layers they say), the
 flex_attention path for sliding-window / document-masked attention (eager flex on CPU equals the
-dense-mask path in float64; flex has no CPU backward, so gradients are a CUDA matter), and the rolling KV cache of sliding-window
-layers (decoding equals the full forward while the cache never holds more than `window` keys)."""
+dense-mask path in float64, forward only: flex has no CPU backward; on CUDA compiled flex matches
+it at bf16, forward and backward), and the rolling KV cache of sliding-window layers (decoding
+equals the full forward while the cache never holds more than `window` keys)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,6 +63,46 @@ def test_eager_flex_equals_the_dense_mask_in_float64(window, doc_mask, kv_heads)
             assert block.mixer.kernel == "flex"
         flex = m(ids, doc_ids=doc_ids).logits
     assert (flex - dense).abs().max() < 1e-10
+
+
+def _err_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMS of the difference over the RMS of the reference."""
+    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex_attention needs CUDA")
+@pytest.mark.parametrize(("window", "doc_mask", "kv_heads"), [(64, False, None), (None, True, None),
+                                                              (96, True, 2)], ids=["window", "docs", "window-docs-gqa"])
+def test_compiled_flex_matches_the_dense_mask_at_bf16(window, doc_mask, kv_heads):
+    """On CUDA a window or document mask takes compiled flex_attention (kernel `flex`); the dense
+    (T, T) mask through SDPA is the reference: logits and every parameter's gradient under bf16
+    autocast. T=300 is two full blocks of 128 and a partial one. Tolerances: error ratios 0.02
+    (logits) and 0.03 (gradients), bf16 rounding in two different kernels through two layers."""
+    dev = torch.device("cuda")
+    data = {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": kv_heads, "vocab_size": 64,
+            "max_seq_len": 512, "doc_mask": doc_mask,
+            "layers": {"pattern": "A", "mixers": {"A": {"kind": "attention", "window": window}}}}
+    torch.manual_seed(0)
+    m = models.Decoder(model_config(data)).to(dev)
+    B, T = 2, 300
+    ids = _ids(T, B).to(dev)
+    doc_ids = (torch.cat([torch.zeros(B, 70), torch.ones(B, 150), torch.full((B, 80), 2.0)], 1).long().to(dev)
+               if doc_mask else None)
+    dy = torch.randn(B, T, 64, generator=torch.Generator().manual_seed(2)).to(dev)
+    out = {}
+    for use_flex in (False, True):
+        for block in m.blocks:
+            block.mixer.use_flex = use_flex
+        assert m.blocks[0].mixer.kernel == ("flex" if use_flex else "sdpa_mask")
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = m(ids, doc_ids=doc_ids).logits
+        (logits.float() * dy).sum().backward()
+        out[use_flex] = logits.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+    (y_dense, g_dense), (y_flex, g_flex) = out[False], out[True]
+    assert _err_ratio(y_flex, y_dense) < 0.02
+    for n, g in g_dense.items():
+        assert _err_ratio(g_flex[n], g) < 0.03, n
 
 
 def test_plain_causal_attention_never_takes_flex():
