@@ -94,6 +94,12 @@ def train_losses(model, ids, steps: int = 20, lr: float = 1.0e-2) -> list[float]
     return losses
 
 
+def err_ratio(a, b) -> float:
+    """RMS of a - b over the RMS of the reference b, in fp32: the bf16 GPU tests' measure (fla's
+    own kernel tests use it)."""
+    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
+
+
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

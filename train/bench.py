@@ -237,8 +237,8 @@ def bench_mixers(cfg: Config, seq_lens: list[int], steps: int = 10, warmup: int 
                              f"{B * T / s:12,.0f} tokens/s  {kernel} core alone")
         if len(forms) > 1:         # the first form (training's) against each other, measured in this run
             first, *others = dict.fromkeys(k for k, _ in timed)
-            for (label, t), other, T in itertools.product(((" ", timed), (" core alone: ", cores)), others, seq_lens):
-                if t:
+            for label, t in ((" ", timed), (" core alone: ", cores)):
+                for other, T in itertools.product(others, seq_lens) if t else ():
                     lines.append(f"  {letter}: {mixer_cfg.kind:<12} T={T:<6}{label}{first} is "
                                  f"{t[other, T] / t[first, T]:.1f}x faster than {other}")
     return "\n".join(lines)

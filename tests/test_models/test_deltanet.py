@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ablate_testing import train_losses
+from ablate_testing import err_ratio, train_losses
 
 import models
 from models.config import model_config
@@ -209,11 +209,6 @@ def test_bad_input_names_the_key(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- fla (CUDA)
-def _err_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
-    """RMS of the difference over the RMS of the reference (fla's own test measure)."""
-    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's kernel needs CUDA")
 @pytest.mark.parametrize("doc_mask", [False, True])
 def test_fla_kernel_matches_the_torch_path_at_bf16(doc_mask):
@@ -244,7 +239,7 @@ def test_fla_kernel_matches_the_torch_path_at_bf16(doc_mask):
         y.float().backward(dy)
         out[name] = (y, x.grad, {n: p.grad for n, p in mixer.named_parameters()})
     (y_t, dx_t, dp_t), (y_f, dx_f, dp_f) = out["torch"], out["fla"]
-    assert _err_ratio(y_f, y_t) < 0.01
-    assert _err_ratio(dx_f, dx_t) < 0.02
+    assert err_ratio(y_f, y_t) < 0.01
+    assert err_ratio(dx_f, dx_t) < 0.02
     for n in dp_t:
-        assert _err_ratio(dp_f[n], dp_t[n]) < 0.02, n
+        assert err_ratio(dp_f[n], dp_t[n]) < 0.02, n

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ablate_testing import err_ratio
 
 import models
 from models.config import model_config
@@ -65,11 +66,6 @@ def test_eager_flex_equals_the_dense_mask_in_float64(window, doc_mask, kv_heads)
     assert (flex - dense).abs().max() < 1e-10
 
 
-def _err_ratio(a: torch.Tensor, b: torch.Tensor) -> float:
-    """RMS of the difference over the RMS of the reference."""
-    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex_attention needs CUDA")
 @pytest.mark.parametrize(("window", "doc_mask", "kv_heads"), [(64, False, None), (None, True, None),
                                                               (96, True, 2)], ids=["window", "docs", "window-docs-gqa"])
@@ -100,9 +96,9 @@ def test_compiled_flex_matches_the_dense_mask_at_bf16(window, doc_mask, kv_heads
         (logits.float() * dy).sum().backward()
         out[use_flex] = logits.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters()}
     (y_dense, g_dense), (y_flex, g_flex) = out[False], out[True]
-    assert _err_ratio(y_flex, y_dense) < 0.02
+    assert err_ratio(y_flex, y_dense) < 0.02
     for n, g in g_dense.items():
-        assert _err_ratio(g_flex[n], g) < 0.03, n
+        assert err_ratio(g_flex[n], g) < 0.03, n
 
 
 def test_plain_causal_attention_never_takes_flex():
